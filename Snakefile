@@ -1,0 +1,34 @@
+# dreampipe: photos of a character -> DreamBooth-finetuned Stable Diffusion 1.x model.
+#   snakemake --cores 1 --resources gpu=1
+# Only the standard library, yaml and our config module are imported here, so dry runs are instant.
+import sys
+
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from dreampipe import config as dpconfig
+from dreampipe.errors import DreampipeError
+
+
+configfile: "config/config.yaml"
+
+
+try:
+    CFG, CHARACTERS = dpconfig.load(config)
+except DreampipeError as e:
+    sys.exit(f"dreampipe: error: {e}")
+
+R = CFG["results"]
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/base_model.smk"
+include: "workflow/rules/prepare.smk"
+include: "workflow/rules/class_images.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/export.smk"
+include: "workflow/rules/sample.smk"
+
+
+rule all:
+    input:
+        expand(f"{R}/{{character}}/{{character}}.safetensors", character=CHARACTERS),
+        expand(f"{R}/{{character}}/samples/final.png", character=CHARACTERS),

@@ -1,0 +1,3 @@
+"""dreampipe: DreamBooth for Stable Diffusion 1.x as a Snakemake workflow."""
+
+__version__ = "0.1.0"

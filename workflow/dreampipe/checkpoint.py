@@ -1,0 +1,319 @@
+"""Stable Diffusion 1.x checkpoints: read every layout users have, write the one every UI loads.
+
+Reading (LDM single file -> diffusers modules) uses diffusers' own converters; writing
+(diffusers modules -> LDM single file, the layout of sd-v1-5.safetensors that AUTOMATIC1111,
+ComfyUI and InvokeAI load) is the key mapping below, generic over block counts so the tiny demo
+model and a full SD 1.x model share one code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import DreampipeError
+
+try:  # diffusers warns about every dtype cast of a model it did not load itself
+    from diffusers.utils import logging as _diffusers_logging
+
+    _diffusers_logging.set_verbosity_error()
+except ImportError:
+    pass
+
+SD1_CONFIGS = Path(__file__).parent / "configs" / "sd1"
+# Models whose architecture differs from SD 1.x (our tiny demo model) carry it in the metadata.
+ARCHITECTURE_KEY = "dreampipe.architecture"
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CLIP_L_REPO = "openai/clip-vit-large-patch14"
+
+
+def sd1_architecture() -> dict:
+    return {name: json.loads((SD1_CONFIGS / f"{name}.json").read_text())
+            for name in ("unet", "vae", "text_encoder", "scheduler")}
+
+
+@dataclass
+class StableDiffusion:
+    """The three networks of an SD 1.x model plus what is needed to run them."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    architecture: dict
+
+    def to(self, device=None, dtype=None):
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def read_state_dict(path: Path) -> tuple[dict, dict]:
+    """Tensors and metadata of a .safetensors or .ckpt file, never executing pickled code."""
+    path = Path(path)
+    if not path.exists():
+        raise DreampipeError(f"{path}: no such checkpoint file; set base_model to an SD 1.x "
+                             ".ckpt/.safetensors file or a diffusers folder")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as e:  # safetensors raises plain exceptions for bad headers/truncation
+            raise DreampipeError(f"{path}: not a readable .safetensors file ({e}); the download "
+                                 "may be truncated: fetch it again") from None
+    if not zipfile.is_zipfile(path) and path.read_bytes()[:2] not in (b"\x80\x02", b"\x80\x04"):
+        raise DreampipeError(f"{path}: not a checkpoint (expected a .ckpt/.pt pickle or "
+                             ".safetensors file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise DreampipeError(
+                f"{path}: refused to load: the pickle asks to run code on load ({_first_line(e)}). "
+                "Only plain tensor checkpoints are accepted; convert it to .safetensors with a "
+                "tool you trust") from None
+        raise DreampipeError(f"{path}: cannot read checkpoint ({_first_line(e)}); the file may "
+                             "be truncated: fetch it again") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning/CompVis checkpoint: weights, optimizer, step...
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DreampipeError(f"{path}: holds no state dict of tensors")
+    return obj, {}
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0][:200]
+
+
+def check_sd1(sd: dict, path: Path) -> None:
+    """Refuse what is not SD 1.x, naming what was found (key shapes tell the families apart)."""
+    if any(k.startswith("conditioner.embedders.") for k in sd):
+        raise DreampipeError(f"{path}: this is an SDXL checkpoint; dreampipe supports "
+                             "Stable Diffusion 1.x only for now")
+    if any(k.startswith("cond_stage_model.model.") for k in sd):
+        raise DreampipeError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text "
+                             "encoder); dreampipe supports Stable Diffusion 1.x only for now")
+    conv_in = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        raise DreampipeError(f"{path}: no UNet weights ({UNET_PREFIX}*) found; is this a "
+                             "Stable Diffusion checkpoint?")
+    if conv_in.shape[1] != 4:
+        raise DreampipeError(f"{path}: the UNet takes {conv_in.shape[1]} input channels (an "
+                             "inpainting or depth model); dreampipe needs a plain SD 1.x model")
+
+
+def load(path, tokenizer=None, use_ema: bool = False, fallback=None) -> StableDiffusion:
+    """Load an SD 1.x model from a single file (.ckpt/.safetensors) or a diffusers folder.
+
+    `fallback` is a second checkpoint supplying the VAE and/or text encoder when `path` lacks them.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_diffusers_folder(path, tokenizer)
+    sd, meta = read_state_dict(path)
+    check_sd1(sd, path)
+    arch = json.loads(meta[ARCHITECTURE_KEY]) if ARCHITECTURE_KEY in meta else sd1_architecture()
+    if fallback and not (_has(sd, VAE_PREFIX) and _has(sd, TEXT_PREFIX)):
+        extra, _ = read_state_dict(Path(fallback))
+        sd = {**{k: v for k, v in extra.items() if not k.startswith(UNET_PREFIX)}, **sd}
+    for prefix, what in ((VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
+        if not _has(sd, prefix):
+            raise DreampipeError(f"{path}: the checkpoint has no {what} weights ({prefix}*); set "
+                                 "base_model_fallback to a full SD 1.x checkpoint to take them from")
+    if use_ema and not any(k.startswith("model_ema.") for k in sd):
+        raise DreampipeError(f"{path}: use_ema is set but the checkpoint has no EMA weights "
+                             "(model_ema.*); set use_ema: false")
+    return from_ldm(sd, arch, load_tokenizer(tokenizer, path), use_ema=use_ema, source=path)
+
+
+def _has(sd: dict, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in sd)
+
+
+def from_ldm(sd: dict, arch: dict, tokenizer, use_ema=False, source="checkpoint") -> StableDiffusion:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
+                                                     convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if use_ema:  # LDM stores EMA weights flattened: model_ema.diffusion_modelinput_blocks00weight
+        sd = {**sd, **{UNET_PREFIX + k[len(UNET_PREFIX):]: sd["model_ema." + "".join(k.split(".")[1:])]
+                       for k in sd if k.startswith(UNET_PREFIX)
+                       and "model_ema." + "".join(k.split(".")[1:]) in sd}}
+    dtype = next(v.dtype for k, v in sd.items() if k.startswith(UNET_PREFIX))
+    unet = UNet2DConditionModel(**arch["unet"])
+    vae = AutoencoderKL(**arch["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+    parts = (
+        (unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet"),
+        (vae, convert_ldm_vae_checkpoint(sd, vae.config), "VAE"),
+        (text_encoder, {k: v for k, v in convert_ldm_clip_checkpoint(sd).items()
+                        if not k.endswith("position_ids")}, "text encoder"),
+    )
+    for module, weights, what in parts:
+        try:
+            module.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise DreampipeError(f"{source}: the {what} weights do not fit the SD 1.x "
+                                 f"architecture ({_first_line(e)})") from None
+    model = StableDiffusion(unet, vae, text_encoder, tokenizer, arch)
+    return model if dtype == torch.float32 else model.to(dtype=torch.float32)
+
+
+def _load_diffusers_folder(path: Path, tokenizer) -> StableDiffusion:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if not (path / "model_index.json").exists():
+        raise DreampipeError(f"{path}: a folder, but not a diffusers model (no model_index.json)")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
+    arch = {"unet": dict(unet.config), "vae": dict(vae.config),
+            "text_encoder": text_encoder.config.to_diff_dict(),
+            "scheduler": sd1_architecture()["scheduler"]}
+    tok = load_tokenizer(tokenizer or (path / "tokenizer"), path)
+    return StableDiffusion(unet, vae, text_encoder, tok, arch).to(dtype=torch.float32)
+
+
+def load_tokenizer(tokenizer, model_path):
+    """The CLIP tokenizer from a folder, or from the local Hugging Face cache; never downloaded."""
+    from transformers import CLIPTokenizer
+
+    if tokenizer:
+        if not Path(tokenizer).is_dir():
+            raise DreampipeError(f"tokenizer folder {tokenizer} does not exist; set `tokenizer` "
+                                 "in config/config.yaml to a folder with vocab.json and merges.txt")
+        return CLIPTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    try:
+        return CLIPTokenizer.from_pretrained(CLIP_L_REPO, local_files_only=True)
+    except OSError:
+        raise DreampipeError(
+            f"{model_path}: no CLIP tokenizer found offline. Set `tokenizer` in config/config.yaml "
+            f"to the tokenizer/ folder of any SD 1.x diffusers model, or put {CLIP_L_REPO} in "
+            "the Hugging Face cache") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# writing: diffusers -> LDM
+
+
+def _unet_prefixes(cfg: dict) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) pairs for a UNet2DConditionModel config."""
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
+             ("mid_block.resnets.1.", "middle_block.2.")]
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    for i in range(n):
+        for j in range(per):
+            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{(per + 1) * i + j + 1}.0."),
+                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{(per + 1) * i + j + 1}.1.")]
+        pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(per + 1) * (i + 1)}.0.op."))
+        has_attn = cfg["up_block_types"][i].startswith("CrossAttn")
+        for j in range(per + 1):
+            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{(per + 1) * i + j}.0."),
+                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{(per + 1) * i + j}.1.")]
+        pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{(per + 1) * i + per}.{2 if has_attn else 1}."))
+    return pairs
+
+
+_UNET_RESNET = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."),
+                ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."),
+                ("conv_shortcut.", "skip_connection.")]
+
+
+def _vae_prefixes(cfg: dict) -> list[tuple[str, str]]:
+    pairs = [("encoder.conv_norm_out.", "encoder.norm_out."), ("decoder.conv_norm_out.", "decoder.norm_out.")]
+    n, per = len(cfg["block_out_channels"]), cfg["layers_per_block"]
+    for side in ("encoder", "decoder"):
+        pairs += [(f"{side}.mid_block.resnets.{k}.", f"{side}.mid.block_{k + 1}.") for k in range(2)]
+        pairs.append((f"{side}.mid_block.attentions.0.", f"{side}.mid.attn_1."))
+    for i in range(n):
+        pairs += [(f"encoder.down_blocks.{i}.resnets.{j}.", f"encoder.down.{i}.block.{j}.") for j in range(per)]
+        pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."))
+        pairs += [(f"decoder.up_blocks.{i}.resnets.{j}.", f"decoder.up.{n - 1 - i}.block.{j}.")
+                  for j in range(per + 1)]
+        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{n - 1 - i}.upsample."))
+    return pairs
+
+
+_VAE_ATTN = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
+             ("to_out.0.", "proj_out.")]
+
+
+def _rename(key: str, prefixes: list[tuple[str, str]], leaves: list[tuple[str, str]]) -> str:
+    for new, old in sorted(prefixes, key=lambda p: -len(p[0])):
+        if key.startswith(new):
+            rest = key[len(new):]
+            for leaf_new, leaf_old in leaves:
+                if rest.startswith(leaf_new):
+                    rest = leaf_old + rest[len(leaf_new):]
+                    break
+            return old + rest
+    return key
+
+
+def to_ldm(model: StableDiffusion) -> dict:
+    """The model's weights under the original SD 1.x (LDM) key names."""
+    out = {}
+    unet_pairs = _unet_prefixes(model.architecture["unet"])
+    for k, v in model.unet.state_dict().items():
+        leaves = _UNET_RESNET if ".resnets." in k else []
+        out[UNET_PREFIX + _rename(k, unet_pairs, leaves)] = v
+    vae_pairs = _vae_prefixes(model.architecture["vae"])
+    for k, v in model.vae.state_dict().items():
+        leaves = _VAE_ATTN if ".attentions." in k else [("conv_shortcut.", "nin_shortcut.")]
+        name = _rename(k, vae_pairs, leaves)
+        if ".mid.attn_1." in name and name.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        out[VAE_PREFIX + name] = v
+    for k, v in model.text_encoder.state_dict().items():
+        out[TEXT_PREFIX + k] = v
+    positions = model.architecture["text_encoder"].get("max_position_embeddings", 77)
+    out[TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    return out
+
+
+def save(model: StableDiffusion, path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
+    """Write the model as one LDM-layout file (.safetensors, or .ckpt), atomically."""
+    path = Path(path)
+    weights = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+               for k, v in to_ldm(model).items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    if model.architecture["unet"] != sd1_architecture()["unet"]:
+        meta[ARCHITECTURE_KEY] = json.dumps(model.architecture)
+    check_disk_space(path, sum(v.numel() * v.element_size() for v in weights.values()))
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": weights}, tmp)
+    else:
+        save_file(weights, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def check_disk_space(path: Path, nbytes: int) -> None:
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes * 1.1:
+        raise DreampipeError(f"{path}: needs {nbytes / 2**30:.1f} GiB but only "
+                             f"{free / 2**30:.1f} GiB is free on that disk; free some space")

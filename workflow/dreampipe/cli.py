@@ -1,0 +1,158 @@
+"""`dreampipe <stage>`: every stage of the workflow as a command (the Snakemake rules call these)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import DreampipeError
+
+log = logging.getLogger("dreampipe")
+
+
+def _setup_logging(logfile: str | None) -> None:
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if logfile:
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logfile, mode="w"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers)
+    for noisy in ("diffusers", "transformers", "pytorch_lightning", "lightning", "lightning_fabric"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric|diffusers|transformers")
+
+
+def cmd_tiny_model(a):
+    from . import tiny
+
+    tiny.build(Path(a.out), Path(a.tokenizer))
+
+
+def cmd_example_photos(a):
+    from . import example_photos
+
+    example_photos.write(Path(a.out))
+
+
+def cmd_prepare(a):
+    from . import prepare
+
+    manifest = prepare.run(Path(a.instance_dir), Path(a.out), a.resolution, a.mode, a.background,
+                           a.instance_prompt)
+    log.info("prepared %d images into %s", len(manifest), a.out)
+
+
+def cmd_class_images(a):
+    from . import class_images
+
+    made = class_images.run(a.model, a.tokenizer, Path(a.store), Path(a.manifest), a.num, a.prompt,
+                            a.negative_prompt, a.sampler, a.steps, a.guidance_scale, a.resolution,
+                            a.batch_size if a.batch_size == "auto" else int(a.batch_size), log=log.info)
+    log.info("made %d new class images", len(made))
+
+
+def cmd_train(a):
+    from . import train
+
+    train.run(a.model, a.tokenizer, Path(a.instance_dir), a.class_manifest and Path(a.class_manifest),
+              json.loads(a.settings), Path(a.state), Path(a.workdir), Path(a.out))
+
+
+def cmd_export(a):
+    from . import export
+
+    export.run(Path(a.trained), Path(a.out), a.dtype, a.tokenizer, json.loads(a.settings))
+
+
+def cmd_sample(a):
+    from . import sample
+
+    sample.run(a.model, Path(a.out), a.prompt, a.seeds, a.resolution, a.steps, a.guidance_scale,
+               a.tokenizer, a.base_model)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="dreampipe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help):
+        sp = sub.add_parser(name, help=help)
+        sp.set_defaults(func=func)
+        sp.add_argument("--log", help="also write the log to this file")
+        return sp
+
+    sp = add("tiny-model", cmd_tiny_model, "build the tiny SD-architecture demo model")
+    sp.add_argument("out")
+    sp.add_argument("--tokenizer", required=True, help="folder to write its tokenizer to")
+
+    sp = add("example-photos", cmd_example_photos, "write the example character's photos")
+    sp.add_argument("out")
+
+    sp = add("prepare", cmd_prepare, "photos -> square training images + manifest + contact sheet")
+    sp.add_argument("instance_dir")
+    sp.add_argument("out")
+    sp.add_argument("--resolution", type=int, default=512)
+    sp.add_argument("--mode", default="pad", choices=["pad", "crop", "stretch"])
+    sp.add_argument("--background", default="white")
+    sp.add_argument("--instance-prompt", required=True)
+
+    sp = add("class-images", cmd_class_images, "generate the missing class images of a set")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--store", required=True, help="folder of the class set")
+    sp.add_argument("--manifest", required=True, help="JSON listing the first --num images")
+    sp.add_argument("--num", type=int, required=True)
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--negative-prompt", default="")
+    sp.add_argument("--sampler", default="ddim", choices=["ddim", "dpmsolver++"])
+    sp.add_argument("--steps", type=int, default=50)
+    sp.add_argument("--guidance-scale", type=float, default=10.0)
+    sp.add_argument("--resolution", type=int, default=512)
+    sp.add_argument("--batch-size", default="auto")
+
+    sp = add("train", cmd_train, "DreamBooth finetuning (resumes from --state)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--instance-dir", required=True)
+    sp.add_argument("--class-manifest")
+    sp.add_argument("--settings", required=True, help="JSON of the train settings")
+    sp.add_argument("--state", required=True, help="resumable state folder")
+    sp.add_argument("--workdir", required=True, help="folder for samples and loss logs")
+    sp.add_argument("--out", required=True)
+
+    sp = add("export", cmd_export, "write the model as a pruned single-file checkpoint")
+    sp.add_argument("trained")
+    sp.add_argument("out")
+    sp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--settings", default="{}", help="JSON stored in the file's metadata")
+
+    sp = add("sample", cmd_sample, "a grid of prompts x seeds from a model")
+    sp.add_argument("model")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--prompt", action="append", required=True)
+    sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    sp.add_argument("--resolution", type=int, default=512)
+    sp.add_argument("--steps", type=int, default=50)
+    sp.add_argument("--guidance-scale", type=float, default=7.5)
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--base-model", help="also sample this model, above (before/after)")
+
+    a = p.parse_args(argv)
+    _setup_logging(a.log)
+    start = time.time()
+    try:
+        a.func(a)
+    except DreampipeError as e:
+        log.error("%s: error: %s", a.command, e)
+        return 1
+    log.info("%s done in %.1f s", a.command, time.time() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

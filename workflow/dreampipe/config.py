@@ -1,0 +1,158 @@
+"""Config and character files: validation with one clear message per mistake, defaults, merging.
+
+Standard library, yaml and jsonschema only: the Snakefile imports this at parse time.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import yaml
+from referencing import Registry, Resource
+
+from .errors import DreampipeError
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+SECTIONS = ("prepare", "class_images", "train", "export", "sample")
+TINY = "tiny"
+
+
+def _schema(name: str) -> dict:
+    return yaml.safe_load((SCHEMAS / f"{name}.schema.yaml").read_text())
+
+
+def _registry() -> Registry:
+    return Registry().with_resource("config.schema.yaml", Resource.from_contents(_schema("config")))
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DreampipeError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise DreampipeError(f"{path}: expected key: value pairs at the top level")
+    return data
+
+
+def validate(data: dict, schema_name: str, path) -> None:
+    """Raise one DreampipeError naming the file, the key and the fix for the first mistake."""
+    schema = _schema(schema_name)
+    validator = jsonschema.Draft202012Validator(schema, registry=_registry())
+    errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.path), list(map(str, e.path))))
+    if not errors:
+        return
+    e = errors[0]
+    where = ".".join(map(str, e.path))
+    resolved = validator.evolve(schema=e.schema)
+    if e.validator == "additionalProperties":
+        allowed = list(_properties(resolved, e.schema))
+        for key in e.instance:
+            if key not in allowed:
+                near = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
+                full = f"{where}.{key}" if where else key
+                hint = (f"did you mean '{near[0]}'?" if near else "valid keys: " + ", ".join(allowed))
+                raise DreampipeError(f"{path}: unknown key '{full}'; {hint}")
+    if e.validator == "required":
+        raise DreampipeError(f"{path}: {e.message}; add it (see config/README.md)")
+    raise DreampipeError(f"{path}: {where or 'top level'}: {e.message}")
+
+
+def _properties(validator, schema: dict) -> dict:
+    if "$ref" in schema:
+        return validator._resolver.lookup(schema["$ref"]).contents.get("properties", {})
+    return schema.get("properties", {})
+
+
+def defaults(schema: dict | None = None) -> dict:
+    """The default value of every key of config.schema.yaml, sections included."""
+    schema = schema or _schema("config")
+    out = {}
+    for key, prop in schema["properties"].items():
+        if prop.get("type") == "object":
+            out[key] = defaults(prop)
+        elif "default" in prop:
+            out[key] = copy.deepcopy(prop["default"])
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load(config: dict, workdir: Path = Path("."), configfile: str = "config/config.yaml") -> tuple[dict, dict]:
+    """(global config with defaults, {character name: resolved settings}) of the selected characters."""
+    workdir = Path(workdir)
+    validate(config, "config", configfile)
+    cfg = merge(defaults(), config)
+    selected = cfg["characters"]
+    if isinstance(selected, str):
+        selected = [s.strip() for s in selected.split(",") if s.strip()]
+    char_dir = workdir / cfg["characters_dir"]
+    available = sorted(p.stem for p in char_dir.glob("*.yaml")) if char_dir.is_dir() else []
+    if not available:
+        raise DreampipeError(f"{char_dir}: no character files; copy config/characters/example.yaml "
+                             "to config/characters/<name>.yaml")
+    for name in selected or []:
+        if name not in available:
+            near = difflib.get_close_matches(name, available, n=1)
+            raise DreampipeError(f"--config characters: no character '{name}' in {char_dir}"
+                                 + (f"; did you mean '{near[0]}'?" if near else f" (have: {', '.join(available)})"))
+    return cfg, {name: character(cfg, char_dir / f"{name}.yaml", workdir) for name in (selected or available)}
+
+
+def character(cfg: dict, path: Path, workdir: Path) -> dict:
+    data = read_yaml(path)
+    validate(data, "character", path)
+    instance_dir = Path(data["instance_dir"])
+    if not (workdir / instance_dir).is_dir():
+        raise DreampipeError(f"{path}: instance_dir '{instance_dir}' is not a folder; create it and "
+                             "put 5-20 photos of the character in it, or fix the path")
+    c = merge({k: v for k, v in cfg.items() if k not in ("characters", "characters_dir")}, data)
+    c.setdefault("instance_prompt", "a photo of {token} {class_word}")
+    words = {"token": c["token"], "class_word": c["class_word"]}
+    c["instance_prompt"] = c["instance_prompt"].format(**words)
+    words["instance_prompt"] = c["instance_prompt"]
+    c["class_images"]["class_prompt"] = c["class_images"]["class_prompt"] or f"a photo of a {c['class_word']}"
+    c["sample"]["prompts"] = [p.format(**words) for p in c["sample"]["prompts"]]
+    c["train"]["sample_prompts"] = [p.format(**words) for p in c["train"]["sample_prompts"]]
+    if c["prepare"]["resolution"] % 64:
+        raise DreampipeError(f"{path}: prepare.resolution is {c['prepare']['resolution']}; it must be "
+                             "a multiple of 64 (e.g. 512)")
+    c["name"] = path.stem
+    return c
+
+
+def train_settings(c: dict) -> dict:
+    """Everything that shapes the trained weights, and nothing else (so sampling changes don't retrain)."""
+    return {**c["train"], "resolution": c["prepare"]["resolution"]}
+
+
+def model_id(path: str, cache: Path) -> str:
+    """Content hash of a base model file, cached by (path, size, mtime) so parsing stays instant."""
+    p = Path(path)
+    if not p.is_file():
+        return str(path)
+    st = p.stat()
+    key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        h = hashlib.sha256()
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        known[key] = h.hexdigest()[:16]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
+    return known[key]

@@ -1,0 +1,73 @@
+"""Text-to-image with a StableDiffusion model: the one loop behind class images, training samples
+and final grids. Every image's starting noise comes from its own seed (drawn on the CPU), so an
+image depends on its seed alone, never on the batch it was made in or the device's RNG."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import StableDiffusion
+
+SAMPLERS = ("ddim", "dpmsolver++")
+
+
+def make_scheduler(model: StableDiffusion, sampler: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    config = model.architecture["scheduler"]
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config)  # eta 0 in step(): deterministic, as the guide's
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+
+
+@torch.no_grad()
+def encode_prompts(model: StableDiffusion, prompts: list[str]) -> torch.Tensor:
+    tok = model.tokenizer(prompts, padding="max_length", truncation=True,
+                          max_length=model.tokenizer.model_max_length, return_tensors="pt")
+    device = next(model.text_encoder.parameters()).device
+    return model.text_encoder(tok.input_ids.to(device))[0]
+
+
+def initial_noise(seed: int, resolution: int, channels: int = 4) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, channels, resolution // 8, resolution // 8, generator=g)
+
+
+@torch.no_grad()
+def generate(model: StableDiffusion, prompts: list[str], seeds: list[int], *, resolution: int,
+             steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str = "",
+             sampler: str = "ddim") -> list[Image.Image]:
+    """One image per (prompt, seed) pair, all in one batch."""
+    unet, vae = model.unet, model.vae
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    cond = encode_prompts(model, list(prompts))
+    uncond = encode_prompts(model, [negative_prompt] * len(prompts))
+    context = torch.cat([uncond, cond]).to(dtype)
+    scheduler = make_scheduler(model, sampler)
+    scheduler.set_timesteps(steps)
+    latents = torch.cat([initial_noise(s, resolution) for s in seeds]).to(device, dtype)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+        eps_uncond, eps_cond = unet(x, t, encoder_hidden_states=context).sample.chunk(2)
+        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    vae_dtype = next(vae.parameters()).dtype
+    pixels = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor).sample
+    return to_pil(pixels)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    arr = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in arr.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def from_pil(images: list[Image.Image]) -> torch.Tensor:
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1

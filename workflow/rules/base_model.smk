@@ -1,0 +1,8 @@
+rule tiny_model:
+    output:
+        model=TINY_MODEL,
+        tokenizer=directory(TINY_TOKENIZER),
+    log:
+        f"{R}/base/logs/tiny_model.log",
+    shell:
+        "dreampipe tiny-model {output.model} --tokenizer {output.tokenizer} --log {log}"

@@ -1,0 +1,21 @@
+rule sample:
+    input:
+        model=f"{R}/{{character}}/{{character}}.safetensors",
+        base=base_model,
+    output:
+        f"{R}/{{character}}/samples/final.png",
+    params:
+        prompts=lambda wc: " ".join(f"--prompt {shlex.quote(p)}" for p in char(wc)["sample"]["prompts"]),
+        seeds=lambda wc: " ".join(map(str, char(wc)["sample"]["seeds"])),
+        steps=lambda wc: char(wc)["sample"]["steps"],
+        guidance_scale=lambda wc: char(wc)["sample"]["guidance_scale"],
+        resolution=lambda wc: char(wc)["prepare"]["resolution"],
+        tokenizer=tokenizer_arg,
+    log:
+        f"{R}/{{character}}/logs/sample.log",
+    resources:
+        gpu=1,
+    shell:
+        "dreampipe sample {input.model:q} --base-model {input.base:q} --out {output:q} {params.prompts}"
+        " --seeds {params.seeds} --steps {params.steps} --guidance-scale {params.guidance_scale}"
+        " --resolution {params.resolution} {params.tokenizer} --log {log}"
