@@ -1,0 +1,57 @@
+"""End to end: the Snakemake DAG on the tiny model, and its staleness rules."""
+
+import torch
+import yaml
+
+from dreampipe import checkpoint, sampling
+
+
+def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
+    workflow.character("alice")
+    workflow.character("bob", token="sks", class_word="robot")
+    workflow.snakemake()
+    out = workflow.path / "results"
+    for name in ("alice", "bob"):
+        assert (out / name / f"{name}.safetensors").stat().st_size > 0
+        assert (out / name / "samples" / "final.png").exists()
+        assert len(list((out / name / "instance").glob("0*.png"))) == 6
+        assert (out / name / "train" / "loss.png").exists()
+        assert not (out / name / ".state").exists(), "state is removed once the model is written"
+
+    # the exported file loads back and draws an image
+    model = checkpoint.load(out / "bob" / "bob.safetensors", tokenizer=out / "base" / "tiny-sd-tokenizer")
+    assert model.unet.dtype == torch.float32
+    [image] = sampling.generate(model, ["a photo of sks robot"], [0], resolution=64, steps=2)
+    assert image.size == (64, 64)
+
+    # a second run has nothing to do
+    again = workflow.snakemake()
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # both characters share one class set, made once
+    class_sets = list((out / "class").iterdir())
+    assert len(class_sets) == 1
+
+    # a training value of bob reruns bob's train, export and sample only
+    bob = yaml.safe_load((workflow.path / "config/characters/bob.yaml").read_text())
+    workflow.character("bob", **{**bob, "train": {"max_steps": 3}})
+    assert workflow.planned() == [("export", "bob"), ("sample", "bob"), ("train", "bob")]
+
+    # a sampling prompt of alice reruns alice's sampling only, not training
+    workflow.character("bob", **bob)
+    workflow.character("alice", sample={"prompts": ["a photo of zxq robot in a hat"]})
+    assert workflow.planned() == [("sample", "alice")]
+
+
+def test_raising_the_class_image_count_generates_only_the_new_images(workflow):
+    workflow.character("alice", class_images={"num_class_images": 2, "steps": 2}, train={"max_steps": 1})
+    workflow.snakemake()
+    [store] = (workflow.path / "results" / "class").iterdir()
+    before = {p.name: p.stat().st_mtime_ns for p in store.glob("0*.png")}
+    assert sorted(before) == ["00000.png", "00001.png"]
+
+    workflow.character("alice", class_images={"num_class_images": 5, "steps": 2}, train={"max_steps": 1})
+    workflow.snakemake()
+    after = {p.name: p.stat().st_mtime_ns for p in store.glob("0*.png")}
+    assert sorted(after) == [f"{i:05d}.png" for i in range(5)]
+    assert all(after[name] == mtime for name, mtime in before.items()), "old images were rewritten"
