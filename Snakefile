@@ -1,13 +1,9 @@
 # dreampipe: photos of a character -> DreamBooth-finetuned Stable Diffusion 1.x model.
 #   snakemake --cores 1 --resources gpu=1
 # Only the standard library, yaml and our config module are imported here, so dry runs are instant.
-import os
 import sys
 
-# Parse time and every job use this workflow's own copy of the dreampipe package.
-PACKAGE_DIR = str(Path(workflow.basedir) / "workflow")
-sys.path.insert(0, PACKAGE_DIR)
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_DIR, os.environ.get("PYTHONPATH")]))
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from dreampipe import config as dpconfig
 from dreampipe.errors import DreampipeError
 

@@ -75,6 +75,12 @@ def cmd_sample(a):
                a.tokenizer, a.base_model)
 
 
+def cmd_config_docs(a):
+    from . import config
+
+    Path(a.out).write_text(config.reference_markdown())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dreampipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -141,6 +147,9 @@ def main(argv=None) -> int:
     sp.add_argument("--guidance-scale", type=float, default=7.5)
     sp.add_argument("--tokenizer")
     sp.add_argument("--base-model", help="also sample this model, above (before/after)")
+
+    sp = add("config-docs", cmd_config_docs, "write config/README.md from the schemas")
+    sp.add_argument("out", nargs="?", default="config/README.md")
 
     a = p.parse_args(argv)
     _setup_logging(a.log)

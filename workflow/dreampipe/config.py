@@ -156,3 +156,30 @@ def model_id(path: str, cache: Path) -> str:
         tmp.write_text(json.dumps(known, indent=1))
         os.replace(tmp, cache)
     return known[key]
+
+
+def reference_markdown() -> str:
+    """config/README.md: every key of both schemas with its default and meaning."""
+    config, char = _schema("config"), _schema("character")
+    lines = ["# Configuration reference", "",
+             "Generated from workflow/schemas/*.schema.yaml by `dreampipe config-docs`; a test keeps "
+             "them in step.", "",
+             "`config/config.yaml` holds the shared defaults; `config/characters/<name>.yaml` holds one "
+             "character and may override any section below.", "", "## Character file", "",
+             "| key | default | meaning |", "|---|---|---|"]
+    for key, prop in char["properties"].items():
+        if "$ref" not in prop:
+            lines.append(_row(key, prop, required=key in char.get("required", [])))
+    lines += ["", "## config/config.yaml (and character overrides)", "",
+              "| key | default | meaning |", "|---|---|---|"]
+    for key, prop in config["properties"].items():
+        if prop.get("type") == "object":
+            lines += [_row(f"{key}.{sub}", p) for sub, p in prop["properties"].items()]
+        else:
+            lines.append(_row(key, prop))
+    return "\n".join(lines) + "\n"
+
+
+def _row(key: str, prop: dict, required: bool = False) -> str:
+    default = "required" if required else f"`{json.dumps(prop.get('default'))}`"
+    return f"| `{key}` | {default} | {prop.get('description', '').strip()} |"

@@ -4,5 +4,7 @@ rule tiny_model:
         tokenizer=directory(TINY_TOKENIZER),
     log:
         f"{R}/base/logs/tiny_model.log",
+    conda:
+        "../../envs/dreampipe.yaml"
     shell:
         "dreampipe tiny-model {output.model} --tokenizer {output.tokenizer} --log {log}"

@@ -5,13 +5,15 @@ rule class_images:
     input:
         lambda wc: CLASS_SETS[wc.set]["model"],
     output:
-        f"{R}/class/{{set}}/n{{num}}.json",
-        f"{R}/class/{{set}}/n{{num}}.png",
-    params:
-        args=lambda wc: CLASS_SETS[wc.set]["args"],
+        manifest=f"{R}/class/{{set}}/n{{num}}.json",
+        sheet=f"{R}/class/{{set}}/n{{num}}.png",
     log:
         f"{R}/class/{{set}}/logs/n{{num}}.log",
+    conda:
+        "../../envs/dreampipe.yaml"
     resources:
         gpu=1,
+    params:
+        args=lambda wc: CLASS_SETS[wc.set]["args"],
     shell:
-        "dreampipe class-images {params.args} --num {wildcards.num} --manifest {output[0]:q} --log {log}"
+        "dreampipe class-images {params.args} --num {wildcards.num} --manifest {output.manifest:q} --log {log}"

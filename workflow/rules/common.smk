@@ -41,9 +41,23 @@ def class_set(c):
     """The shared store of class images for character c's settings."""
     ci = c["class_images"]
     model = c["base_model"]
-    model_id = "tiny-sd-v1" if model == dpconfig.TINY else dpconfig.model_id(model, Path(R) / ".cache" / "model-hashes.json")
-    return str(dpclass.set_dir(f"{R}/class", model_id, ci["class_prompt"], ci["negative_prompt"],
-                           ci["sampler"], ci["steps"], ci["guidance_scale"], c["prepare"]["resolution"]))
+    model_id = (
+        "tiny-sd-v1"
+        if model == dpconfig.TINY
+        else dpconfig.model_id(model, Path(R) / ".cache" / "model-hashes.json")
+    )
+    return str(
+        dpclass.set_dir(
+            f"{R}/class",
+            model_id,
+            ci["class_prompt"],
+            ci["negative_prompt"],
+            ci["sampler"],
+            ci["steps"],
+            ci["guidance_scale"],
+            c["prepare"]["resolution"],
+        )
+    )
 
 
 def class_manifest(wildcards):
@@ -65,10 +79,24 @@ def _class_sets():
             "model": base_model(wc),
             "args": shlex.join(
                 [
-                    "--model", base_model(wc), "--store", class_set(c), "--prompt", ci["class_prompt"],
-                    "--negative-prompt", ci["negative_prompt"], "--sampler", ci["sampler"],
-                    "--steps", str(ci["steps"]), "--guidance-scale", str(ci["guidance_scale"]),
-                    "--resolution", str(c["prepare"]["resolution"]), "--batch-size", str(ci["batch_size"]),
+                    "--model",
+                    base_model(wc),
+                    "--store",
+                    class_set(c),
+                    "--prompt",
+                    ci["class_prompt"],
+                    "--negative-prompt",
+                    ci["negative_prompt"],
+                    "--sampler",
+                    ci["sampler"],
+                    "--steps",
+                    str(ci["steps"]),
+                    "--guidance-scale",
+                    str(ci["guidance_scale"]),
+                    "--resolution",
+                    str(c["prepare"]["resolution"]),
+                    "--batch-size",
+                    str(ci["batch_size"]),
                 ]
                 + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
             ),

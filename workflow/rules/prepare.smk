@@ -3,14 +3,16 @@ rule prepare:
         lambda wc: dpprepare.input_files(char(wc)["instance_dir"]),
     output:
         directory(f"{R}/{{character}}/instance"),
+    log:
+        f"{R}/{{character}}/logs/prepare.log",
+    conda:
+        "../../envs/dreampipe.yaml"
     params:
         instance_dir=lambda wc: char(wc)["instance_dir"],
         resolution=lambda wc: char(wc)["prepare"]["resolution"],
         mode=lambda wc: char(wc)["prepare"]["mode"],
         background=lambda wc: char(wc)["prepare"]["background"],
         instance_prompt=lambda wc: char(wc)["instance_prompt"],
-    log:
-        f"{R}/{{character}}/logs/prepare.log",
     shell:
         "dreampipe prepare {params.instance_dir:q} {output:q} --resolution {params.resolution}"
         " --mode {params.mode} --background {params.background:q}"

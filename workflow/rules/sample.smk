@@ -4,17 +4,21 @@ rule sample:
         base=base_model,
     output:
         f"{R}/{{character}}/samples/final.png",
+    log:
+        f"{R}/{{character}}/logs/sample.log",
+    conda:
+        "../../envs/dreampipe.yaml"
+    resources:
+        gpu=1,
     params:
-        prompts=lambda wc: " ".join(f"--prompt {shlex.quote(p)}" for p in char(wc)["sample"]["prompts"]),
+        prompts=lambda wc: " ".join(
+            f"--prompt {shlex.quote(p)}" for p in char(wc)["sample"]["prompts"]
+        ),
         seeds=lambda wc: " ".join(map(str, char(wc)["sample"]["seeds"])),
         steps=lambda wc: char(wc)["sample"]["steps"],
         guidance_scale=lambda wc: char(wc)["sample"]["guidance_scale"],
         resolution=lambda wc: char(wc)["prepare"]["resolution"],
         tokenizer=tokenizer_arg,
-    log:
-        f"{R}/{{character}}/logs/sample.log",
-    resources:
-        gpu=1,
     shell:
         "dreampipe sample {input.model:q} --base-model {input.base:q} --out {output:q} {params.prompts}"
         " --seeds {params.seeds} --steps {params.steps} --guidance-scale {params.guidance_scale}"

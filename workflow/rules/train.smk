@@ -8,16 +8,22 @@ rule train:
     output:
         model=f"{R}/{{character}}/train/model.safetensors",
         loss=f"{R}/{{character}}/train/loss.png",
-    params:
-        settings=lambda wc: json.dumps(dpconfig.train_settings(char(wc)), sort_keys=True),
-        tokenizer=tokenizer_arg,
-        class_arg=lambda wc, input: f"--class-manifest {input.class_manifest}" if input.class_manifest else "",
-        state=lambda wc: f"{R}/{wc.character}/.state",
-        workdir=lambda wc: f"{R}/{wc.character}/train",
     log:
         f"{R}/{{character}}/logs/train.log",
+    conda:
+        "../../envs/dreampipe.yaml"
     resources:
         gpu=1,
+    params:
+        settings=lambda wc: json.dumps(
+            dpconfig.train_settings(char(wc)), sort_keys=True
+        ),
+        tokenizer=tokenizer_arg,
+        class_arg=lambda wc, input: (
+            f"--class-manifest {input.class_manifest}" if input.class_manifest else ""
+        ),
+        state=lambda wc: f"{R}/{wc.character}/.state",
+        workdir=lambda wc: f"{R}/{wc.character}/train",
     shell:
         "dreampipe train --model {input.model:q} {params.tokenizer} --instance-dir {input.instance:q}"
         " {params.class_arg} --settings {params.settings:q} --state {params.state:q}"
