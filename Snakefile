@@ -11,6 +11,9 @@ from dreampipe.errors import DreampipeError
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 try:
     CFG, CHARACTERS = dpconfig.load(config)
 except DreampipeError as e:
@@ -26,9 +29,11 @@ include: "workflow/rules/class_images.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/sample.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         expand(f"{R}/{{character}}/{{character}}.safetensors", character=CHARACTERS),
         expand(f"{R}/{{character}}/samples/final.png", character=CHARACTERS),
+        expand(f"{R}/{{character}}/settings.yaml", character=CHARACTERS),

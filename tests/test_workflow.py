@@ -35,12 +35,12 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
     # a training value of bob reruns bob's train, export and sample only
     bob = yaml.safe_load((workflow.path / "config/characters/bob.yaml").read_text())
     workflow.character("bob", **{**bob, "train": {"max_steps": 3}})
-    assert workflow.planned() == [("export", "bob"), ("sample", "bob"), ("train", "bob")]
+    assert workflow.planned() == [("export", "bob"), ("sample", "bob"), ("settings", "bob"), ("train", "bob")]
 
     # a sampling prompt of alice reruns alice's sampling only, not training
     workflow.character("bob", **bob)
     workflow.character("alice", sample={"prompts": ["a photo of zxq robot in a hat"]})
-    assert workflow.planned() == [("sample", "alice")]
+    assert workflow.planned() == [("sample", "alice"), ("settings", "alice")]
 
 
 def test_raising_the_class_image_count_generates_only_the_new_images(workflow):

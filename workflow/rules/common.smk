@@ -2,6 +2,7 @@
 # its rule as a plain params entry, so Snakemake reruns exactly the stale steps.
 import json
 import shlex
+import yaml
 from argparse import Namespace
 
 from dreampipe import class_images as dpclass
