@@ -45,7 +45,7 @@ class Workflow:
 
     def __init__(self, path: Path):
         self.path = path
-        for name in ("Snakefile", "workflow", "profiles", "example"):
+        for name in ("Snakefile", "workflow", "profiles", "envs", "example"):
             src = ROOT / name
             (shutil.copytree if src.is_dir() else shutil.copy)(src, path / name)
         (path / "config" / "characters").mkdir(parents=True)
