@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -13,6 +14,7 @@ from pathlib import Path
 from .errors import DreampipeError
 
 log = logging.getLogger("dreampipe")
+GPU_COMMANDS = {"class-images", "train", "sample"}
 
 
 def _setup_logging(logfile: str | None) -> None:
@@ -153,6 +155,12 @@ def main(argv=None) -> int:
 
     a = p.parse_args(argv)
     _setup_logging(a.log)
+    if a.command in GPU_COMMANDS:
+        from . import gpu_slots
+
+        slot = gpu_slots.acquire(Path(os.environ.get("DREAMPIPE_GPU_SLOTS", "/tmp/dreampipe-gpu-slots")))
+        if slot is not None:
+            log.info("using GPU %d", slot)
     start = time.time()
     try:
         a.func(a)
