@@ -34,5 +34,5 @@ include: "workflow/rules/sample.smk"
 
 rule all:
     input:
-        expand(f"{R}/{{character}}/{{character}}.safetensors", character=CHARACTERS),
+        EXPORTS,
         expand(f"{R}/{{character}}/samples/final.png", character=CHARACTERS),

@@ -2,7 +2,9 @@ rule export:
     input:
         f"{R}/{{character}}/train/model.safetensors",
     output:
-        f"{R}/{{character}}/{{character}}.safetensors",
+        f"{R}/{{character}}/{{character}}.{{format}}",
+    wildcard_constraints:
+        format="safetensors|ckpt",  # the file's type is its suffix: a new format is a new file
     params:
         dtype=lambda wc: char(wc)["export"]["dtype"],
         tokenizer=tokenizer_arg,
@@ -10,7 +12,21 @@ rule export:
             {"token": char(wc)["token"], "class_word": char(wc)["class_word"], **dpconfig.train_settings(char(wc))}
         ),
     log:
-        f"{R}/{{character}}/logs/export.log",
+        f"{R}/{{character}}/logs/export-{{format}}.log",
     shell:
         "dreampipe export {input:q} {output:q} --dtype {params.dtype} {params.tokenizer}"
         " --settings {params.settings:q} --log {log}"
+
+
+rule export_diffusers:
+    input:
+        f"{R}/{{character}}/train/model.safetensors",
+    output:
+        directory(f"{R}/{{character}}/{{character}}-diffusers"),
+    params:
+        dtype=lambda wc: char(wc)["export"]["dtype"],
+        tokenizer=tokenizer_arg,
+    log:
+        f"{R}/{{character}}/logs/export-diffusers.log",
+    shell:
+        "dreampipe export {input:q} {output:q} --dtype {params.dtype} {params.tokenizer} --log {log}"
