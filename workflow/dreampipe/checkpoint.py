@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +88,10 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
+            found = re.search(r"GLOBAL (\S+)", str(e))
             raise DreampipeError(
-                f"{path}: refused to load: the pickle asks to run code on load ({_first_line(e)}). "
+                f"{path}: refused to load: the pickle asks to call "
+                f"{found.group(1) if found else 'code'} on load. "
                 "Only plain tensor checkpoints are accepted; convert it to .safetensors with a "
                 "tool you trust") from None
         raise DreampipeError(f"{path}: cannot read checkpoint ({_first_line(e)}); the file may "
