@@ -34,6 +34,6 @@ include: "workflow/rules/report.smk"
 
 rule all:
     input:
-        expand(f"{R}/{{character}}/{{character}}.safetensors", character=CHARACTERS),
+        EXPORTS,
         expand(f"{R}/{{character}}/samples/final.png", character=CHARACTERS),
         expand(f"{R}/{{character}}/settings.yaml", character=CHARACTERS),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,57 +63,93 @@ class StableDiffusion:
 
 
 def read_state_dict(path: Path) -> tuple[dict, dict]:
-    """Tensors and metadata of a .safetensors or .ckpt file, never executing pickled code."""
+    """Tensors and metadata of a .safetensors or .ckpt file, never executing pickled code.
+
+    The format is told by the file's first bytes, not its name: users rename files.
+    """
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DreampipeError(f"{path}: no such checkpoint file; set base_model to an SD 1.x "
                              ".ckpt/.safetensors file or a diffusers folder")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" or path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
         except Exception as e:  # safetensors raises plain exceptions for bad headers/truncation
-            raise DreampipeError(f"{path}: not a readable .safetensors file ({e}); the download "
-                                 "may be truncated: fetch it again") from None
-    if not zipfile.is_zipfile(path) and path.read_bytes()[:2] not in (b"\x80\x02", b"\x80\x04"):
-        raise DreampipeError(f"{path}: not a checkpoint (expected a .ckpt/.pt pickle or "
-                             ".safetensors file)")
+            raise DreampipeError(f"{path}: not a readable .safetensors file ({_first_line(e)}); "
+                                 "the download may be truncated: fetch it again") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")):
+        raise DreampipeError(f"{path}: not a checkpoint (neither a .ckpt pickle nor a "
+                             ".safetensors file); set base_model to an SD 1.x checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_harmless_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
+            found = re.search(r"GLOBAL (\S+)", str(e))
             raise DreampipeError(
-                f"{path}: refused to load: the pickle asks to run code on load ({_first_line(e)}). "
+                f"{path}: refused to load: the pickle asks to call "
+                f"{found.group(1) if found else 'code'} on load. "
                 "Only plain tensor checkpoints are accepted; convert it to .safetensors with a "
                 "tool you trust") from None
         raise DreampipeError(f"{path}: cannot read checkpoint ({_first_line(e)}); the file may "
                              "be truncated: fetch it again") from None
+    meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
         obj = obj["state_dict"]  # Lightning/CompVis checkpoint: weights, optimizer, step...
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DreampipeError(f"{path}: holds no state dict of tensors")
-    return obj, {}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)} if isinstance(obj, dict) else {}
+    if not tensors:
+        raise DreampipeError(f"{path}: holds no state dict of tensors; is this a Stable "
+                             "Diffusion checkpoint?")
+    return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+class _LightningCallbackKey:
+    """Stands in for a class the pickle only names and never calls."""
+
+
+def _harmless_globals() -> list:
+    """Names that real SD 1.x .ckpt files carry besides tensors, none of which runs code:
+    sd-v1-4.ckpt keys its callback state by the ModelCheckpoint class, some files hold numpy
+    scalars (the same allowances AUTOMATIC1111's restricted unpickler makes)."""
+    import numpy as np
+
+    scalar = np._core.multiarray.scalar
+    return [(_LightningCallbackKey, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+            (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, *(type(np.dtype(t)) for t in "efdbhilqBHILQ?")]
 
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0][:200]
 
 
-def check_sd1(sd: dict, path: Path) -> None:
+def check_sd1(sd: dict, path: Path, arch: dict | None = None) -> None:
     """Refuse what is not SD 1.x, naming what was found (key shapes tell the families apart)."""
     if any(k.startswith("conditioner.embedders.") for k in sd):
-        raise DreampipeError(f"{path}: this is an SDXL checkpoint; dreampipe supports "
-                             "Stable Diffusion 1.x only for now")
+        _refuse(path, "an SDXL checkpoint")
     if any(k.startswith("cond_stage_model.model.") for k in sd):
-        raise DreampipeError(f"{path}: this is a Stable Diffusion 2.x checkpoint (OpenCLIP text "
-                             "encoder); dreampipe supports Stable Diffusion 1.x only for now")
+        _refuse(path, "a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder)")
     conv_in = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:
         raise DreampipeError(f"{path}: no UNet weights ({UNET_PREFIX}*) found; is this a "
                              "Stable Diffusion checkpoint?")
     if conv_in.shape[1] != 4:
-        raise DreampipeError(f"{path}: the UNet takes {conv_in.shape[1]} input channels (an "
-                             "inpainting or depth model); dreampipe needs a plain SD 1.x model")
+        _refuse(path, f"a UNet taking {conv_in.shape[1]} input channels (an inpainting, depth "
+                      "or instruct model)")
+    context = sd.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight")
+    expected = (arch or sd1_architecture())["unet"]["cross_attention_dim"]
+    if context is not None and context.shape[1] != expected:
+        _refuse(path, f"a UNet attending to {context.shape[1]}-wide text features (SD 1.x: "
+                      f"{expected}; 1024 is Stable Diffusion 2.x)")
+
+
+def _refuse(path, found: str):
+    raise DreampipeError(f"{path}: this is {found}; dreampipe supports plain Stable Diffusion "
+                         "1.x models only for now: pick an SD 1.x base model")
 
 
 def load(path, tokenizer=None, use_ema: bool = False, fallback=None) -> StableDiffusion:
@@ -125,54 +161,87 @@ def load(path, tokenizer=None, use_ema: bool = False, fallback=None) -> StableDi
     if path.is_dir():
         return _load_diffusers_folder(path, tokenizer)
     sd, meta = read_state_dict(path)
-    check_sd1(sd, path)
-    arch = json.loads(meta[ARCHITECTURE_KEY]) if ARCHITECTURE_KEY in meta else sd1_architecture()
+    arch = architecture_of(meta)
+    check_sd1(sd, path, arch)
+    sd = inference_weights(sd, use_ema, path)
     if fallback and not (_has(sd, VAE_PREFIX) and _has(sd, TEXT_PREFIX)):
-        extra, _ = read_state_dict(Path(fallback))
+        extra = inference_weights(read_state_dict(Path(fallback))[0], source=fallback)
         sd = {**{k: v for k, v in extra.items() if not k.startswith(UNET_PREFIX)}, **sd}
     for prefix, what in ((VAE_PREFIX, "VAE"), (TEXT_PREFIX, "text encoder")):
         if not _has(sd, prefix):
             raise DreampipeError(f"{path}: the checkpoint has no {what} weights ({prefix}*); set "
                                  "base_model_fallback to a full SD 1.x checkpoint to take them from")
-    if use_ema and not any(k.startswith("model_ema.") for k in sd):
-        raise DreampipeError(f"{path}: use_ema is set but the checkpoint has no EMA weights "
-                             "(model_ema.*); set use_ema: false")
-    return from_ldm(sd, arch, load_tokenizer(tokenizer, path), use_ema=use_ema, source=path)
+    return from_ldm(sd, arch, load_tokenizer(tokenizer, path), source=path)
+
+
+def architecture_of(meta: dict) -> dict:
+    return json.loads(meta[ARCHITECTURE_KEY]) if ARCHITECTURE_KEY in meta else sd1_architecture()
 
 
 def _has(sd: dict, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in sd)
 
 
-def from_ldm(sd: dict, arch: dict, tokenizer, use_ema=False, source="checkpoint") -> StableDiffusion:
+def inference_weights(sd: dict, use_ema: bool = False, source="checkpoint") -> dict:
+    """The UNet, VAE and text encoder weights of an LDM state dict, under today's key names.
+
+    Drops optimizer state, the EMA copy (or takes the UNet from it), noise-schedule buffers and
+    logs. Text encoders saved with transformers < 4.19 lack the `text_model.` level.
+    """
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(UNET_PREFIX):
+            if use_ema:  # LDM stores EMA weights flattened: model_ema.diffusion_modelinput_blocks00weight
+                v = sd.get("model_ema." + "".join(k.split(".")[1:]))
+                if v is None:
+                    raise DreampipeError(f"{source}: use_ema is set but the checkpoint has no EMA "
+                                         f"copy of {k} (model_ema.*); set use_ema: false")
+            out[k] = v
+        elif k.startswith(VAE_PREFIX):
+            out[k] = v
+        elif k.startswith(TEXT_PREFIX):
+            rest = k[len(TEXT_PREFIX):]
+            out[TEXT_PREFIX + ("" if rest.startswith("text_model.") else "text_model.") + rest] = v
+    positions = TEXT_PREFIX + "text_model.embeddings.position_ids"
+    if positions in out:  # merged/fp16 files often carry them as rounded floats: rebuild
+        out[positions] = torch.arange(out[positions].shape[-1])[None]
+    return out
+
+
+def from_ldm(sd: dict, arch: dict, tokenizer, source="checkpoint") -> StableDiffusion:
+    """Build the networks from LDM weights. They are created on the meta device and take the
+    loaded tensors as they are: no random initialisation (20 s for an SD 1.x UNet on a CPU)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
                                                      convert_ldm_unet_checkpoint,
                                                      convert_ldm_vae_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if use_ema:  # LDM stores EMA weights flattened: model_ema.diffusion_modelinput_blocks00weight
-        sd = {**sd, **{UNET_PREFIX + k[len(UNET_PREFIX):]: sd["model_ema." + "".join(k.split(".")[1:])]
-                       for k in sd if k.startswith(UNET_PREFIX)
-                       and "model_ema." + "".join(k.split(".")[1:]) in sd}}
-    dtype = next(v.dtype for k, v in sd.items() if k.startswith(UNET_PREFIX))
-    unet = UNet2DConditionModel(**arch["unet"])
-    vae = AutoencoderKL(**arch["vae"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
-    parts = (
-        (unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet"),
-        (vae, convert_ldm_vae_checkpoint(sd, vae.config), "VAE"),
-        (text_encoder, {k: v for k, v in convert_ldm_clip_checkpoint(sd).items()
-                        if not k.endswith("position_ids")}, "text encoder"),
-    )
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(arch["unet"])
+        vae = AutoencoderKL.from_config(arch["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**arch["text_encoder"]))
+    text = convert_ldm_clip_checkpoint(sd)
+    text.pop("text_model.embeddings.position_ids", None)
+    own = text_encoder.state_dict()  # transformers >= 5 drops the text_model. level
+    text = {k if k in own else k.removeprefix("text_model."): v for k, v in text.items()}
+    parts = ((unet, convert_ldm_unet_checkpoint(sd, unet.config), "UNet"),
+             (vae, convert_ldm_vae_checkpoint(sd, vae.config), "VAE"),
+             (text_encoder, text, "text encoder"))
     for module, weights, what in parts:
         try:
-            module.load_state_dict(weights, strict=True)
+            module.load_state_dict(weights, strict=True, assign=True)
         except RuntimeError as e:
             raise DreampipeError(f"{source}: the {what} weights do not fit the SD 1.x "
                                  f"architecture ({_first_line(e)})") from None
-    model = StableDiffusion(unet, vae, text_encoder, tokenizer, arch)
-    return model if dtype == torch.float32 else model.to(dtype=torch.float32)
+    # position_ids is CLIP's one non-persistent buffer (not in any state dict): give it values
+    for name, buffer in list(text_encoder.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        if buffer.is_meta and leaf == "position_ids":
+            n = text_encoder.config.max_position_embeddings
+            text_encoder.get_submodule(owner).register_buffer("position_ids", torch.arange(n)[None],
+                                                              persistent=False)
+    return StableDiffusion(unet, vae, text_encoder, tokenizer, arch).to(dtype=torch.float32)
 
 
 def _load_diffusers_folder(path: Path, tokenizer) -> StableDiffusion:
@@ -181,14 +250,42 @@ def _load_diffusers_folder(path: Path, tokenizer) -> StableDiffusion:
 
     if not (path / "model_index.json").exists():
         raise DreampipeError(f"{path}: a folder, but not a diffusers model (no model_index.json)")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True)
-    arch = {"unet": dict(unet.config), "vae": dict(vae.config),
-            "text_encoder": text_encoder.config.to_diff_dict(),
+    _check_diffusers_sd1(path)
+    variant = _variant(path / "unet")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, variant=variant)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, variant=_variant(path / "vae"))
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True,
+                                                 variant=_variant(path / "text_encoder"))
+    arch = {"unet": _public(unet.config), "vae": _public(vae.config),
+            "text_encoder": _public(text_encoder.config.to_dict()),
             "scheduler": sd1_architecture()["scheduler"]}
     tok = load_tokenizer(tokenizer or (path / "tokenizer"), path)
     return StableDiffusion(unet, vae, text_encoder, tok, arch).to(dtype=torch.float32)
+
+
+def _public(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def _variant(folder: Path) -> str | None:
+    """"fp16" for a folder holding only the fp16 weight files (diffusers' `variant` downloads)."""
+    weights = [f.name for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")]
+    return "fp16" if weights and all(".fp16." in w for w in weights) else None
+
+
+def _check_diffusers_sd1(path: Path) -> None:
+    pipeline = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+    unet_config = path / "unet" / "config.json"
+    if not unet_config.exists():
+        raise DreampipeError(f"{path}: diffusers folder without unet/config.json; is the copy complete?")
+    cfg = json.loads(unet_config.read_text())
+    if "XL" in pipeline or cfg.get("addition_embed_type") == "text_time":
+        _refuse(path, "an SDXL model")
+    if cfg.get("in_channels", 4) != 4:
+        _refuse(path, f"a UNet taking {cfg['in_channels']} input channels (an inpainting, depth "
+                      "or instruct model)")
+    if cfg.get("cross_attention_dim") == 1024 or cfg.get("use_linear_projection"):
+        _refuse(path, "a Stable Diffusion 2.x model")
 
 
 def load_tokenizer(tokenizer, model_path):
@@ -284,29 +381,72 @@ def to_ldm(model: StableDiffusion) -> dict:
             v = v[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         out[VAE_PREFIX + name] = v
     for k, v in model.text_encoder.state_dict().items():
-        out[TEXT_PREFIX + k] = v
-    positions = model.architecture["text_encoder"].get("max_position_embeddings", 77)
+        out[TEXT_PREFIX + ("" if k.startswith("text_model.") else "text_model.") + k] = v
+    # Real SD files carry the (int64) position ids; some UIs check for them.
+    positions = model.text_encoder.config.max_position_embeddings
     out[TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(positions)[None]
     return out
 
 
+FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
 def save(model: StableDiffusion, path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
     """Write the model as one LDM-layout file (.safetensors, or .ckpt), atomically."""
-    path = Path(path)
-    weights = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
-               for k, v in to_ldm(model).items()}
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    if model.architecture["unet"] != sd1_architecture()["unet"]:
+    meta = dict(metadata or {})
+    if not is_sd1(model.architecture):
         meta[ARCHITECTURE_KEY] = json.dumps(model.architecture)
+    return write_file(to_ldm(model), path, dtype, meta)
+
+
+def is_sd1(arch: dict) -> bool:
+    """Whether `arch` has the SD 1.x shapes (then the file needs no architecture metadata)."""
+    sd1 = sd1_architecture()
+    plain = lambda v: json.loads(json.dumps(v))  # noqa: E731  tuples and lists compare alike
+    return all(plain(arch[part].get(k)) == plain(v)
+               for part in ("unet", "vae", "text_encoder") for k, v in sd1[part].items())
+
+
+def write_file(weights: dict, path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
+    """An LDM state dict as .safetensors (or, by the name's suffix, a .ckpt that A1111 reads:
+    {"state_dict": ...}), floats cast to `dtype`, written atomically."""
+    path = Path(path)
+    if path.suffix not in FILE_SUFFIXES:
+        raise DreampipeError(f"{path}: unknown checkpoint type; name the output *.safetensors or *.ckpt")
+    weights = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+               for k, v in weights.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
     check_disk_space(path, sum(v.numel() * v.element_size() for v in weights.values()))
     tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".ckpt":
-        torch.save({"state_dict": weights}, tmp)
+        torch.save({"state_dict": weights, "metadata": meta}, tmp)
     else:
         save_file(weights, str(tmp), metadata=meta)
     os.replace(tmp, path)
     return path
+
+
+def save_diffusers(model: StableDiffusion, folder, dtype: str = "fp16") -> Path:
+    """Write the model as a diffusers folder (StableDiffusionPipeline layout), atomically.
+    Casts the model to `dtype` in place: export loads a fresh model for each output."""
+    import shutil
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = Path(folder)
+    model.to(dtype=DTYPES[dtype])
+    pipe = StableDiffusionPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        scheduler=DDIMScheduler.from_config(model.architecture["scheduler"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    params = [p for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()]
+    check_disk_space(folder, sum(p.numel() * p.element_size() for p in params))
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
 
 
 def check_disk_space(path: Path, nbytes: int) -> None:

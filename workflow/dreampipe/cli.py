@@ -70,6 +70,14 @@ def cmd_export(a):
     export.run(Path(a.trained), Path(a.out), a.dtype, a.tokenizer, json.loads(a.settings))
 
 
+def cmd_prune(a):
+    from . import prune
+
+    out = prune.run(Path(a.src), Path(a.out), a.ema, a.dtype)
+    log.info("pruned %s (%.2f GB) to %s (%.2f GB)", a.src, Path(a.src).stat().st_size / 1e9, out,
+             out.stat().st_size / 1e9)
+
+
 def cmd_sample(a):
     from . import sample
 
@@ -134,10 +142,16 @@ def main(argv=None) -> int:
 
     sp = add("export", cmd_export, "write the model as a pruned single-file checkpoint")
     sp.add_argument("trained")
-    sp.add_argument("out")
+    sp.add_argument("out", help="*.safetensors or *.ckpt: LDM single file; other: diffusers folder")
     sp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     sp.add_argument("--tokenizer")
     sp.add_argument("--settings", default="{}", help="JSON stored in the file's metadata")
+
+    sp = add("prune", cmd_prune, "cut a fat SD 1.x checkpoint down to its inference weights")
+    sp.add_argument("src", help="SD 1.x .ckpt or .safetensors (with optimizer state, EMA copy...)")
+    sp.add_argument("out", help="*.safetensors (or *.ckpt)")
+    sp.add_argument("--ema", action="store_true", help="keep the EMA weights of the UNet instead")
+    sp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
 
     sp = add("sample", cmd_sample, "a grid of prompts x seeds from a model")
     sp.add_argument("model")

@@ -1,5 +1,6 @@
 """Export: the trained model as one file that AUTOMATIC1111, ComfyUI and InvokeAI load as is:
-LDM key layout, inference weights only, fp16 by default, training settings in the metadata."""
+LDM key layout, inference weights only, fp16 by default, training settings in the metadata.
+An output path without .safetensors/.ckpt suffix gets a diffusers folder instead."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from . import checkpoint
 
 def run(trained: Path, out: Path, dtype: str = "fp16", tokenizer=None, settings: dict | None = None) -> Path:
     model = checkpoint.load(trained, tokenizer=tokenizer)
+    if Path(out).suffix not in checkpoint.FILE_SUFFIXES:
+        return checkpoint.save_diffusers(model, out, dtype=dtype)
     meta = {"dreampipe.settings": json.dumps(settings or {}, sort_keys=True),
-            "modelspec.architecture": "stable-diffusion-v1"}
+            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
+            "modelspec.title": Path(out).stem}
     return checkpoint.save(model, out, dtype=dtype, metadata=meta)

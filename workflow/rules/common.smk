@@ -106,3 +106,15 @@ def _class_sets():
 
 
 CLASS_SETS = _class_sets()
+
+
+def exported(wildcards):
+    """The character's exported single file, of the type export.format names."""
+    return f"{R}/{wildcards.character}/{wildcards.character}.{char(wildcards)['export']['format']}"
+
+
+EXPORTS = [exported(Namespace(character=c)) for c in CHARACTERS] + [
+    f"{R}/{c}/{c}-diffusers"
+    for c, settings in CHARACTERS.items()
+    if settings["export"]["diffusers"]
+]

@@ -2,9 +2,11 @@ rule export:
     input:
         f"{R}/{{character}}/train/model.safetensors",
     output:
-        f"{R}/{{character}}/{{character}}.safetensors",
+        f"{R}/{{character}}/{{character}}.{{format}}",
     log:
-        f"{R}/{{character}}/logs/export.log",
+        f"{R}/{{character}}/logs/export-{{format}}.log",
+    wildcard_constraints:
+        format="safetensors|ckpt",  # the file's type is its suffix: a new format is a new file
     conda:
         "../../envs/dreampipe.yaml"
     params:
@@ -20,3 +22,19 @@ rule export:
     shell:
         "dreampipe export {input:q} {output:q} --dtype {params.dtype} {params.tokenizer}"
         " --settings {params.settings:q} --log {log}"
+
+
+rule export_diffusers:
+    input:
+        f"{R}/{{character}}/train/model.safetensors",
+    output:
+        directory(f"{R}/{{character}}/{{character}}-diffusers"),
+    log:
+        f"{R}/{{character}}/logs/export-diffusers.log",
+    conda:
+        "../../envs/dreampipe.yaml"
+    params:
+        dtype=lambda wc: char(wc)["export"]["dtype"],
+        tokenizer=tokenizer_arg,
+    shell:
+        "dreampipe export {input:q} {output:q} --dtype {params.dtype} {params.tokenizer} --log {log}"

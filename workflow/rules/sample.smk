@@ -1,6 +1,6 @@
 rule sample:
     input:
-        model=f"{R}/{{character}}/{{character}}.safetensors",
+        model=exported,
         base=base_model,
     output:
         f"{R}/{{character}}/samples/final.png",
