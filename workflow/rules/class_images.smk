@@ -15,3 +15,42 @@ rule class_images:
         gpu=1,
     shell:
         "dreampipe class-images {params.args} --num {wildcards.num} --manifest {output[0]:q} --log {log}"
+
+
+# The character's own class photos (class_data: <folder>) are prepared like its instance photos.
+rule class_photos:
+    input:
+        lambda wc: dpprepare.input_files(char(wc)["class_images"]["class_data"]),
+    output:
+        directory(f"{R}/{{character}}/class_photos"),
+    params:
+        class_dir=lambda wc: char(wc)["class_images"]["class_data"],
+        resolution=lambda wc: char(wc)["prepare"]["resolution"],
+        mode=lambda wc: char(wc)["prepare"]["mode"],
+        background=lambda wc: char(wc)["prepare"]["background"],
+        class_prompt=lambda wc: char(wc)["class_images"]["class_prompt"],
+    log:
+        f"{R}/{{character}}/logs/class_photos.log",
+    shell:
+        "dreampipe prepare {params.class_dir:q} {output:q} --resolution {params.resolution}"
+        " --mode {params.mode} --background {params.background:q}"
+        " --instance-prompt {params.class_prompt:q} --log {log}"
+
+
+# Prepared images as class images: the user's class photos, or the instance images themselves
+# (class_data: instance, the guide's FAQ trick), all with the class prompt.
+rule class_prepared:
+    input:
+        f"{R}/{{character}}/{{prepared}}",
+    output:
+        f"{R}/{{character}}/{{prepared}}.class.json",
+        f"{R}/{{character}}/{{prepared}}.class.png",
+    wildcard_constraints:
+        prepared="instance|class_photos",
+    params:
+        class_prompt=lambda wc: char(wc)["class_images"]["class_prompt"],
+    log:
+        f"{R}/{{character}}/logs/{{prepared}}.class.log",
+    shell:
+        "dreampipe class-images --prepared {input:q} --manifest {output[0]:q}"
+        " --prompt {params.class_prompt:q} --log {log}"
