@@ -176,6 +176,11 @@ def test_each_class_data_source_reaches_training(workflow):
     assert out["mine"]["images"] == [f"results/mine/class_photos/{i:04d}.png" for i in range(4)]
     assert Image.open(workflow.path / out["mine"]["images"][0]).size == (64, 64), "prepared like instance photos"
 
+    # the batch size changes the speed, not the images: changing it reruns nothing
+    workflow.character("gen1", class_images={"batch_size": 1})
+    workflow.character("gen2", token="sks", class_images={"batch_size": 1})
+    assert "Nothing to be done" in workflow.snakemake("-n", *manifests).stdout
+
     (workflow.path / "config/characters/bad.yaml").write_text(yaml.safe_dump(
         {"instance_dir": "example/photos", "token": "zxq", "class_word": "robot",
          "class_images": {"class_data": "my_class_foto"}}))

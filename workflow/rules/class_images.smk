@@ -11,10 +11,13 @@ rule class_images:
         args=lambda wc: CLASS_SETS[wc.set]["args"],
     log:
         f"{R}/class/{{set}}/logs/n{{num}}.log",
+    # The batch size changes the speed, not the images: a resource, so changing it reruns nothing.
     resources:
         gpu=1,
+        class_batch_size=lambda wc: CLASS_SETS[wc.set]["batch_size"],
     shell:
-        "dreampipe class-images {params.args} --num {wildcards.num} --manifest {output[0]:q} --log {log}"
+        "dreampipe class-images {params.args} --num {wildcards.num} --batch-size {resources.class_batch_size}"
+        " --manifest {output[0]:q} --log {log}"
 
 
 # The character's own class photos (class_data: <folder>) are prepared like its instance photos.

@@ -77,10 +77,11 @@ def _class_sets():
                     "--model", base_model(wc), "--store", class_set(c), "--prompt", ci["class_prompt"],
                     "--negative-prompt", ci["negative_prompt"], "--sampler", ci["sampler"],
                     "--steps", str(ci["steps"]), "--guidance-scale", str(ci["guidance_scale"]),
-                    "--resolution", str(c["prepare"]["resolution"]), "--batch-size", str(ci["batch_size"]),
+                    "--resolution", str(c["prepare"]["resolution"]),
                 ]
                 + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
             ),
+            "batch_size": str(ci["batch_size"]),
         }
     return sets
 
