@@ -5,8 +5,8 @@ rule class_images:
     input:
         lambda wc: CLASS_SETS[wc.set]["model"],
     output:
-        f"{R}/class/{{set}}/n{{num}}.json",
-        f"{R}/class/{{set}}/n{{num}}.png",
+        manifest=f"{R}/class/{{set}}/n{{num}}.json",
+        contact_sheet=f"{R}/class/{{set}}/n{{num}}.png",
     params:
         args=lambda wc: CLASS_SETS[wc.set]["args"],
     log:
@@ -17,7 +17,7 @@ rule class_images:
         class_batch_size=lambda wc: CLASS_SETS[wc.set]["batch_size"],
     shell:
         "dreampipe class-images {params.args} --num {wildcards.num} --batch-size {resources.class_batch_size}"
-        " --manifest {output[0]:q} --log {log}"
+        " --manifest {output.manifest:q} --log {log}"
 
 
 # The character's own class photos (class_data: <folder>) are prepared like its instance photos.
@@ -46,8 +46,8 @@ rule class_prepared:
     input:
         f"{R}/{{character}}/{{prepared}}",
     output:
-        f"{R}/{{character}}/{{prepared}}.class.json",
-        f"{R}/{{character}}/{{prepared}}.class.png",
+        manifest=f"{R}/{{character}}/{{prepared}}.class.json",
+        contact_sheet=f"{R}/{{character}}/{{prepared}}.class.png",
     wildcard_constraints:
         prepared="instance|class_photos",
     params:
@@ -55,5 +55,5 @@ rule class_prepared:
     log:
         f"{R}/{{character}}/logs/{{prepared}}.class.log",
     shell:
-        "dreampipe class-images --prepared {input:q} --manifest {output[0]:q}"
+        "dreampipe class-images --prepared {input:q} --manifest {output.manifest:q}"
         " --prompt {params.class_prompt:q} --log {log}"
