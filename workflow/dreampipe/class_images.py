@@ -1,9 +1,12 @@
-"""Class (regularization) images: a shared, growing store of generated images.
+"""Class (regularization) images: a shared, growing store of generated images, or the user's own.
 
-Image i of a set is a pure function of the set's key (base model content hash, prompt, negative
-prompt, sampler, steps, guidance scale, resolution) and of i, whose seed is i itself. The store
-is not a Snakemake output, so raising the count only generates the missing indexes, lowering it
-reuses the first N, and a killed run keeps every finished image.
+Image i of a generated set is a function of the set's key (base model content hash, prompt,
+negative prompt, sampler, steps, guidance scale, resolution) and of i, whose seed is i itself.
+The store is not a Snakemake output, so raising the count only generates the missing indexes,
+lowering it reuses the first N, and a killed run keeps every finished image. Jobs that share a
+store take turns on a lock, so two of them never make the same image.
+
+Whatever the source, training reads one class manifest: {"prompt": ..., "images": [paths]}.
 """
 
 from __future__ import annotations
@@ -12,7 +15,24 @@ import hashlib
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import DreampipeError
+
+KEYWORDS = ("generate", "instance", "none")
+
+
+def source(class_data: str, character_file) -> str:
+    """generate, instance, none, or folder (class_data is then the folder of the user's photos)."""
+    if class_data in KEYWORDS:
+        return class_data
+    if Path(class_data).is_dir():
+        return "folder"
+    raise DreampipeError(
+        f"{character_file}: class_images.class_data is '{class_data}', which is neither "
+        f"{', '.join(KEYWORDS)} nor a folder; use one of those words, or the path of a folder "
+        "of your own class photos (relative to the workflow folder)")
 
 
 def set_dir(root: Path, model_id: str, prompt: str, negative_prompt: str, sampler: str,
@@ -32,27 +52,62 @@ def missing_indexes(store: Path, count: int) -> list[int]:
     return [i for i in range(count) if not image_path(store, i).exists()]
 
 
+@contextmanager
+def store_lock(store: Path, log=print):
+    """Held while generating into a store; the OS drops it when its holder dies, even by SIGKILL."""
+    import fcntl
+
+    store.mkdir(parents=True, exist_ok=True)
+    with open(store / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"class images: waiting for another job generating into {store}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def run(model_path, tokenizer, store: Path, manifest: Path, count: int, prompt: str,
         negative_prompt: str, sampler: str, steps: int, guidance_scale: float, resolution: int,
         batch_size: int | str = "auto", log=print) -> list[int]:
-    """Make the missing images of the first `count`, then write the manifest and contact sheet."""
-    from .images import grid, save_atomic
-
-    store, manifest = Path(store), Path(manifest)
+    """Make the missing images of the first `count`, then write the manifest and contact sheet.
+    Returns the indexes this call made."""
+    store = Path(store)
     todo = missing_indexes(store, count)
-    log(f"class images: {count - len(todo)} of {count} already in {store}, {len(todo)} to make")
     if todo:
-        _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler, steps,
-                  guidance_scale, resolution, batch_size)
-    files = [str(image_path(store, i)) for i in range(count)]
+        with store_lock(store, log):
+            todo = missing_indexes(store, count)  # a job we waited for may have made some
+            log(f"class images: {count - len(todo)} of {count} already in {store}, {len(todo)} to make")
+            if todo:
+                _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler,
+                          steps, guidance_scale, resolution, batch_size)
+    write_manifest(Path(manifest), prompt, [image_path(store, i) for i in range(count)])
+    return todo
+
+
+def from_prepared(prepared_dir: Path, manifest: Path, prompt: str) -> list[Path]:
+    """Class manifest of a folder made by `prepare` (the instance images, or the user's class photos)."""
+    prepared_dir = Path(prepared_dir)
+    files = [prepared_dir / m["file"] for m in json.loads((prepared_dir / "manifest.json").read_text())]
+    write_manifest(Path(manifest), prompt, files)
+    return files
+
+
+def write_manifest(manifest: Path, prompt: str, files: list[Path]) -> None:
+    """The manifest training reads, and beside it a contact sheet of its first 64 images.
+    Each count has its own file names, so jobs for two counts of one set never collide."""
     from PIL import Image
 
-    save_atomic(grid([Image.open(f) for f in files[:64]], [Path(f).stem for f in files[:64]]),
-                manifest.with_suffix(".png"))
+    from .images import grid, save_atomic
+
+    sheet = []
+    for f in files[:64]:
+        with Image.open(f) as im:
+            sheet.append(im.convert("RGB"))
+    save_atomic(grid(sheet, [f.stem for f in files[:64]]), manifest.with_suffix(".png"))
     tmp = manifest.with_name(f".{manifest.name}.tmp")
-    tmp.write_text(json.dumps({"prompt": prompt, "images": files}, indent=1))
+    tmp.write_text(json.dumps({"prompt": prompt, "images": [str(f) for f in files]}, indent=1))
     os.replace(tmp, manifest)
-    return todo
 
 
 def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler, steps,

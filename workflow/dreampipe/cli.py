@@ -51,6 +51,12 @@ def cmd_prepare(a):
 def cmd_class_images(a):
     from . import class_images
 
+    if a.prepared:
+        files = class_images.from_prepared(Path(a.prepared), Path(a.manifest), a.prompt)
+        log.info("%d class images from %s", len(files), a.prepared)
+        return
+    if not (a.model and a.num):
+        raise DreampipeError("--store needs --model and --num (or give --prepared instead)")
     made = class_images.run(a.model, a.tokenizer, Path(a.store), Path(a.manifest), a.num, a.prompt,
                             a.negative_prompt, a.sampler, a.steps, a.guidance_scale, a.resolution,
                             a.batch_size if a.batch_size == "auto" else int(a.batch_size), log=log.info)
@@ -117,11 +123,13 @@ def main(argv=None) -> int:
     sp.add_argument("--instance-prompt", required=True)
 
     sp = add("class-images", cmd_class_images, "generate the missing class images of a set")
-    sp.add_argument("--model", required=True)
+    sp.add_argument("--model")
     sp.add_argument("--tokenizer")
-    sp.add_argument("--store", required=True, help="folder of the class set")
-    sp.add_argument("--manifest", required=True, help="JSON listing the first --num images")
-    sp.add_argument("--num", type=int, required=True)
+    source = sp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--store", help="folder of the class set to generate into")
+    source.add_argument("--prepared", help="use the images of this prepared folder instead")
+    sp.add_argument("--manifest", required=True, help="JSON listing the class images")
+    sp.add_argument("--num", type=int, help="how many images of --store")
     sp.add_argument("--prompt", required=True)
     sp.add_argument("--negative-prompt", default="")
     sp.add_argument("--sampler", default="ddim", choices=["ddim", "dpmsolver++"])

@@ -61,11 +61,23 @@ def class_set(c):
     )
 
 
+def class_source(c):
+    """generate, instance, none or folder; a clear error names the character file otherwise."""
+    return dpclass.source(
+        c["class_images"]["class_data"],
+        Path(CFG["characters_dir"]) / f"{c['name']}.yaml",
+    )
+
+
 def class_manifest(wildcards):
     c = char(wildcards)
-    if c["class_images"]["class_data"] == "none":
+    source = class_source(c)
+    if source == "none":
         return []
-    return f"{class_set(c)}/n{c['class_images']['num_class_images']}.json"
+    if source == "generate":
+        return f"{class_set(c)}/n{c['class_images']['num_class_images']}.json"
+    prepared = "instance" if source == "instance" else "class_photos"
+    return f"{R}/{c['name']}/{prepared}.class.json"
 
 
 def _class_sets():
@@ -73,7 +85,7 @@ def _class_sets():
     sets = {}
     for c in CHARACTERS.values():
         ci = c["class_images"]
-        if ci["class_data"] != "generate":
+        if class_source(c) != "generate":
             continue
         wc = Namespace(character=c["name"])
         sets[Path(class_set(c)).name] = {
@@ -96,16 +108,18 @@ def _class_sets():
                     str(ci["guidance_scale"]),
                     "--resolution",
                     str(c["prepare"]["resolution"]),
-                    "--batch-size",
-                    str(ci["batch_size"]),
                 ]
                 + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
             ),
+            "batch_size": str(ci["batch_size"]),
         }
     return sets
 
 
-CLASS_SETS = _class_sets()
+try:
+    CLASS_SETS = _class_sets()
+except DreampipeError as e:
+    sys.exit(f"dreampipe: error: {e}")
 
 
 def exported(wildcards):
