@@ -7,7 +7,6 @@ import socket
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from dreampipe import checkpoint, cli, export, prune
 from dreampipe.errors import DreampipeError
