@@ -223,8 +223,10 @@ def test_exact_duplicates_are_dropped_with_a_warning(tmp_path, caplog):
 
 
 def truncated(format):
-    buf = io.BytesIO()
-    halves(200, 200).save(buf, format=format)
+    """The first half of a file; a JPEG carries an EXIF thumbnail, a whole JPEG, as phone photos do."""
+    thumb, buf = io.BytesIO(), io.BytesIO()
+    halves(16, 16).save(thumb, format="JPEG")
+    halves(200, 200).save(buf, format=format, **({"exif": b"Exif\0\0" + thumb.getvalue()} if format == "JPEG" else {}))
     return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 

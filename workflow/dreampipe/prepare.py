@@ -136,10 +136,15 @@ def _convert(source: Path, resolution: int, mode: str, background: str, gravity:
 
 
 def _check_complete(data: bytes) -> None:
-    """ImageMagick 6 decodes a truncated JPEG without a word, filling the rest with grey. In a
-    complete one the end marker FFD9 follows the first scan (inside scan data FF is always
-    followed by 00 or a restart marker D0-D7)."""
-    if data[:2] == b"\xff\xd8" and data.find(b"\xff\xd9", max(data.find(b"\xff\xda"), 0)) < 0:
+    """ImageMagick 6 decodes a truncated JPEG without a word, filling the rest with grey. A
+    complete one has the end marker FFD9 after its first scan; the segments before the scan are
+    skipped by their lengths because the EXIF thumbnail of phone photos holds an FFD9 of its own."""
+    if data[:2] != b"\xff\xd8":
+        return
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF and data[pos + 1] != 0xDA:  # DA: start of scan
+        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    if data.find(b"\xff\xd9", pos) < 0:
         raise BadImage("truncated JPEG (no end marker); copy or export it again")
 
 
