@@ -1,13 +1,21 @@
-"""Prepare: photos become square, padded, upright, opaque training images."""
+"""Prepare: every photo a user throws at it becomes a clean training image, or one clear message.
+Every input is generated here with Pillow or wand: no committed binaries."""
 
+import hashlib
+import io
 import json
+import logging
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
+from wand.color import Color
+from wand.image import Image as WandImage
 
 from dreampipe import prepare
 from dreampipe.errors import DreampipeError
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
 
 def run(src, out, **kw):
@@ -15,90 +23,287 @@ def run(src, out, **kw):
     return prepare.run(src, out, **{**args, **kw})
 
 
-def photos(folder, *images):
-    folder.mkdir(exist_ok=True)
-    for i, im in enumerate(images):
-        im.save(folder / f"p{i}.png")
-    return folder
+def folder(path, **files):
+    """Writes name=PIL image or bytes; adds distinct plain photos z0.png, z1.png (sorted last) so
+    that the set reaches the minimum count."""
+    path.mkdir(exist_ok=True)
+    for i in range(2):
+        Image.new("RGB", (64, 64), (10 + 40 * i, 90, 90)).save(path / f"z{i}.png")
+    for name, content in files.items():
+        name = name.replace("__", ".")  # hidden files: __DS_Store -> .DS_Store
+        if isinstance(content, bytes):
+            (path / name).write_bytes(content)
+        else:
+            content.save(path / name)
+    return path
+
+
+def first(out):
+    return np.asarray(Image.open(out / "0000.png")).astype(int)
+
+
+def warnings_of(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def halves(width, height, left=RED, right=BLUE):
+    im = Image.new("RGB", (width, height), left)
+    im.paste(right, (width // 2, 0, width, height))
+    return im
 
 
 def test_output_is_square_at_the_resolution_padded_white_and_centred(tmp_path):
-    wide = Image.new("RGB", (200, 100), (255, 0, 0))
-    src = photos(tmp_path / "in", wide, wide, wide)
-    run(src, tmp_path / "out")
-    arr = np.asarray(Image.open(tmp_path / "out" / "0000.png"))
+    src = folder(tmp_path / "in", a_wide__png=Image.new("RGB", (200, 100), RED))
+    manifest = run(src, tmp_path / "out")
+    arr = first(tmp_path / "out")
     assert arr.shape == (64, 64, 3)
     # red band of 64x32 in the middle, white above and below
     assert (arr[20:44, :, 0] > 240).all() and (arr[20:44, :, 1] < 15).all()
     assert (arr[:12] == 255).all() and (arr[-12:] == 255).all()
+    assert manifest[0]["operations"] == ["pad to 64x64"]
 
 
 def test_padding_colour_is_configurable(tmp_path):
-    tall = Image.new("RGB", (50, 100), (0, 0, 255))
-    src = photos(tmp_path / "in", tall, tall, tall)
+    src = folder(tmp_path / "in", a__png=Image.new("RGB", (50, 100), BLUE))
     run(src, tmp_path / "out", background="black")
-    arr = np.asarray(Image.open(tmp_path / "out" / "0000.png"))
+    arr = first(tmp_path / "out")
     assert (arr[:, :10] == 0).all() and (arr[:, -10:] == 0).all()
     assert (arr[:, 28:36, 2] > 240).all()
 
 
+@pytest.mark.parametrize("gravity, colour", [("center", None), ("west", RED), ("east", BLUE)])
+def test_crop_fills_the_square_and_gravity_chooses_the_part_kept(tmp_path, gravity, colour):
+    src = folder(tmp_path / "in", a__png=halves(256, 64))
+    manifest = run(src, tmp_path / "out", mode="crop", gravity=gravity)
+    arr = first(tmp_path / "out")
+    if colour:
+        assert (np.abs(arr - colour) < 8).all()
+        assert manifest[0]["operations"] == [f"crop to 64x64 ({gravity})"]
+    else:
+        assert (np.abs(arr[:, :28] - RED) < 8).all() and (np.abs(arr[:, 36:] - BLUE) < 8).all()
+
+
+def test_stretch_fills_the_square_without_padding_or_cropping(tmp_path):
+    src = folder(tmp_path / "in", a__png=halves(256, 64))
+    run(src, tmp_path / "out", mode="stretch")
+    arr = first(tmp_path / "out")
+    assert (np.abs(arr[:, :28] - RED) < 8).all() and (np.abs(arr[:, 36:] - BLUE) < 8).all()
+
+
 def test_exif_rotation_is_applied(tmp_path):
-    src = tmp_path / "in"
-    src.mkdir()
     # stored 40x80 with the top half red; orientation 6 means "rotate 90 CW to display",
     # so the displayed image is 80x40 with the red half on the right
-    stored = Image.new("RGB", (40, 80), (0, 255, 0))
-    stored.paste((255, 0, 0), (0, 0, 40, 40))
+    stored = Image.new("RGB", (40, 80), GREEN)
+    stored.paste(RED, (0, 0, 40, 40))
     exif = Image.Exif()
     exif[0x0112] = 6
-    for i in range(3):
-        stored.save(src / f"p{i}.jpg", quality=95, exif=exif)
+    src = folder(tmp_path / "in")
+    stored.save(src / "a.jpg", quality=95, exif=exif)
     manifest = run(src, tmp_path / "out")
-    arr = np.asarray(Image.open(tmp_path / "out" / "0000.png")).astype(int)
+    arr = first(tmp_path / "out")
     assert arr[32, 56, 0] > 200 and arr[32, 56, 1] < 60, "right half is red"
     assert arr[32, 8, 1] > 200 and arr[32, 8, 0] < 60, "left half is green"
     assert (arr[:8] > 245).all(), "landscape after rotation: padded above"
-    assert any("auto-orient" in op for op in manifest[0]["operations"])
+    assert manifest[0]["operations"] == ["auto-orient (right_top)", "pad to 64x64"]
 
 
 def test_alpha_is_flattened_onto_the_background(tmp_path):
     im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     im.paste((255, 0, 0, 255), (16, 16, 48, 48))
-    src = photos(tmp_path / "in", im, im, im)
-    run(src, tmp_path / "out")
+    src = folder(tmp_path / "in", a__png=im)
+    manifest = run(src, tmp_path / "out")
     out = Image.open(tmp_path / "out" / "0000.png")
     assert out.mode == "RGB"
     arr = np.asarray(out)
     assert (arr[2, 2] == 255).all(), "transparent corner became white"
-    assert tuple(arr[32, 32]) == (255, 0, 0)
+    assert tuple(arr[32, 32]) == RED
+    assert manifest[0]["operations"] == ["alpha flattened on white", "pad to 64x64"]
 
 
-def test_manifest_contact_sheet_and_sidecar_captions(tmp_path):
-    src = photos(tmp_path / "in", *[Image.new("RGB", (80, 80), c) for c in ("red", "green", "blue")])
-    (src / "p1.txt").write_text("a photo of sks dog in the snow\n")
-    (src / ".DS_Store").write_bytes(b"\0\1")
+def test_palette_png_with_a_transparent_colour_is_flattened(tmp_path):
+    im = Image.new("P", (64, 64), 0)
+    im.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    im.paste(1, (16, 16, 48, 48))
+    src = folder(tmp_path / "in", a__png=im)
+    im.save(src / "a.png", transparency=0)
+    manifest = run(src, tmp_path / "out", background="yellow")
+    arr = first(tmp_path / "out")
+    assert tuple(arr[2, 2]) == (255, 255, 0) and tuple(arr[32, 32]) == BLUE
+    assert "alpha flattened on yellow" in manifest[0]["operations"]
+
+
+def test_an_alpha_channel_that_is_all_opaque_is_not_reported_as_flattened(tmp_path):
+    src = folder(tmp_path / "in", a__png=Image.new("RGBA", (64, 64), (0, 0, 255, 255)))
     manifest = run(src, tmp_path / "out")
-    assert [m["caption"] for m in manifest] == ["a photo of sks dog", "a photo of sks dog in the snow",
-                                                "a photo of sks dog"]
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
-    assert Image.open(tmp_path / "out" / "contact_sheet.png").width > 64
+    assert tuple(first(tmp_path / "out")[5, 5]) == BLUE
+    assert manifest[0]["operations"] == ["pad to 64x64"]
+
+
+def test_cmyk_jpeg_becomes_srgb(tmp_path):
+    src = folder(tmp_path / "in", a__jpg=Image.new("CMYK", (64, 64), (0, 255, 255, 0)))  # red ink
+    manifest = run(src, tmp_path / "out")
+    assert (np.abs(first(tmp_path / "out") - RED) < 10).all()
+    assert manifest[0]["operations"] == ["cmyk -> sRGB", "pad to 64x64"]
+
+
+def test_embedded_icc_profile_is_converted_to_srgb_and_the_colours_kept(tmp_path):
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    src = folder(tmp_path / "in")
+    Image.new("RGB", (64, 64), (200, 30, 40)).save(src / "a.png", icc_profile=srgb)
+    manifest = run(src, tmp_path / "out")
+    assert (np.abs(first(tmp_path / "out") - (200, 30, 40)) <= 1).all()
+    assert manifest[0]["operations"] == ["ICC profile 'sRGB built-in' -> sRGB", "pad to 64x64"]
+
+
+def test_16_bit_png_becomes_8_bit_srgb(tmp_path):
+    src = folder(tmp_path / "in")
+    with WandImage(width=64, height=64, background=Color("#808040402020")) as im:
+        im.depth = 16
+        im.save(filename=str(src / "a.png"))
+    Image.fromarray(np.full((64, 64), 0x8080, dtype=np.uint16)).save(src / "b.png")  # 16-bit grey
+    manifest = run(src, tmp_path / "out")
+    assert manifest[0]["format"] == "PNG"
+    assert (first(tmp_path / "out") == (128, 64, 32)).all()
+    assert (np.asarray(Image.open(tmp_path / "out" / "0001.png")) == 128).all()
+    assert manifest[1]["operations"] == ["gray -> sRGB", "pad to 64x64"]
+
+
+@pytest.mark.parametrize("suffix", ["gif", "webp"])
+def test_animated_file_gives_its_first_frame_with_a_warning(tmp_path, caplog, suffix):
+    frames = [Image.new("RGB", (64, 64), c) for c in (RED, GREEN, BLUE)]
+    src = folder(tmp_path / "in")
+    frames[0].save(src / f"a.{suffix}", save_all=True, append_images=frames[1:], duration=100, loop=0,
+                   lossless=True)
+    manifest = run(src, tmp_path / "out")
+    assert (np.abs(first(tmp_path / "out") - RED) < 4).all()
+    assert warnings_of(caplog) == [f"a.{suffix}: 3 frames (animated or multi-page): the first is used"]
+    assert manifest[0]["warnings"] == ["3 frames (animated or multi-page): the first is used"]
+
+
+@pytest.mark.parametrize("suffix", ["webp", "tif", "bmp", "gif", "heic", "avif"])
+def test_formats_imagemagick_reads_are_accepted(tmp_path, suffix):
+    src = folder(tmp_path / "in")
+    if suffix == "heic":  # Pillow cannot write HEIC; wand can
+        with WandImage(width=64, height=64, background=Color("rgb(200,30,40)")) as im:
+            im.save(filename=str(src / "a.heic"))
+    else:
+        Image.new("RGB", (64, 64), (200, 30, 40)).save(src / f"a.{suffix}", lossless=True)
+    run(src, tmp_path / "out")
+    assert (np.abs(first(tmp_path / "out") - (200, 30, 40)) <= 3).all()
+
+
+def test_tiny_thumbnail_is_upscaled_with_a_warning(tmp_path, caplog):
+    src = folder(tmp_path / "in", a__png=Image.new("RGB", (20, 16), RED))
+    manifest = run(src, tmp_path / "out")
+    assert first(tmp_path / "out").shape == (64, 64, 3)
+    assert warnings_of(caplog) == ["a.png: 20x16 px is less than half of 64 px: upscaled 3.2x, it will look soft"]
+    assert manifest[0]["size"] == [20, 16]
+
+
+def test_large_photo_is_shrunk_to_the_resolution(tmp_path, caplog):
+    src = folder(tmp_path / "in")
+    halves(4000, 3000).save(src / "a.jpg", quality=90)
+    manifest = run(src, tmp_path / "out")
+    arr = first(tmp_path / "out")
+    assert (arr[:6] == 255).all() and (arr[-6:] == 255).all(), "4:3 padded above and below"
+    assert (np.abs(arr[16:48, :28] - RED) < 12).all() and (np.abs(arr[16:48, 36:] - BLUE) < 12).all()
+    assert manifest[0]["size"] == [4000, 3000] and manifest[0]["format"] == "JPEG"
+    assert warnings_of(caplog) == []
+
+
+def test_exact_duplicates_are_dropped_with_a_warning(tmp_path, caplog):
+    photo = halves(80, 60)
+    src = folder(tmp_path / "in", a__png=photo, b__png=photo, c__tif=photo)
+    manifest = run(src, tmp_path / "out")
+    assert [m["source"].rsplit("/", 1)[1] for m in manifest] == ["a.png", "z0.png", "z1.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0000.png", "0001.png", "0002.png",
+                                                                    "contact_sheet.png", "manifest.json"]
+    assert warnings_of(caplog) == ["b.png: dropped: the same training image as a.png",
+                                   "c.tif: dropped: the same training image as a.png"]
+
+
+def truncated(format):
+    """The first half of a file; a JPEG carries an EXIF thumbnail, a whole JPEG, as phone photos do."""
+    thumb, buf = io.BytesIO(), io.BytesIO()
+    halves(16, 16).save(thumb, format="JPEG")
+    halves(200, 200).save(buf, format=format, **({"exif": b"Exif\0\0" + thumb.getvalue()} if format == "JPEG" else {}))
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 
 def test_bad_files_are_all_listed_in_one_message(tmp_path):
-    src = photos(tmp_path / "in", *[Image.new("RGB", (80, 80))] * 3)
-    (src / "broken.jpg").write_bytes(b"not a jpeg")
-    (src / "notes.pdf").write_bytes(b"%PDF-1.4 nope")
-    with pytest.raises(DreampipeError, match=r"2 file\(s\) are not usable images.*broken\.jpg.*notes\.pdf"):
+    src = folder(tmp_path / "in", a__jpg=truncated("JPEG"), b__png=truncated("PNG"), c__png=b"not a png",
+                 d__gif=b"GIF89a", e__jxl=b"\xff\x0a")
+    with pytest.raises(DreampipeError) as e:
         run(src, tmp_path / "out")
+    assert str(e.value) == (
+        f"{src}: 5 photo(s) cannot be used; fix or remove them, or set prepare.on_bad_image: skip: "
+        "a.jpg: truncated JPEG (no end marker); copy or export it again; "
+        "b.png: cannot be decoded (truncated or corrupt); "
+        "c.png: improper image header; "
+        "d.gif: insufficient image data in file; "
+        "e.jxl: the installed ImageMagick cannot read .jxl files; convert it to JPEG or PNG")
+    assert not (tmp_path / "out").exists()
+
+
+def test_on_bad_image_skip_leaves_them_out_with_a_warning_each(tmp_path, caplog):
+    src = folder(tmp_path / "in", a__jpg=truncated("JPEG"), b__png=Image.new("RGB", (64, 64), RED),
+                 c__png=b"not a png")
+    manifest = run(src, tmp_path / "out", on_bad_image="skip")
+    assert [m["source"].rsplit("/", 1)[1] for m in manifest] == ["b.png", "z0.png", "z1.png"]
+    assert warnings_of(caplog) == ["a.jpg: skipped: truncated JPEG (no end marker); copy or export it again",
+                                   "c.png: skipped: improper image header"]
+
+
+def test_hidden_and_non_image_files_are_ignored_silently(tmp_path, caplog):
+    src = folder(tmp_path / "in", a__png=Image.new("RGB", (64, 64), RED), __DS_Store=b"\0\1",
+                 Thumbs__db=b"\0\1", notes__pdf=b"%PDF-1.4", README=b"hello", __a__png=b"\0\5\6")
+    (src / "._a.jpg").write_bytes(b"\0\5\6")  # macOS AppleDouble file on a USB stick
+    manifest = run(src, tmp_path / "out")
+    assert len(manifest) == 3 and warnings_of(caplog) == []
+    assert [p.name for p in prepare.input_files(src)] == ["a.png", "z0.png", "z1.png"]
+
+
+def test_input_files_are_the_photos_and_their_caption_sidecars(tmp_path):
+    src = folder(tmp_path / "in", a__png=Image.new("RGB", (64, 64), RED))
+    (src / "a.txt").write_text("a photo of sks dog on a bike")
+    (src / "notes.txt").write_text("not a caption")
+    assert [p.name for p in prepare.input_files(src)] == ["a.png", "a.txt", "z0.png", "z1.png"]
+
+
+def test_manifest_contact_sheet_and_sidecar_captions_in_file_name_order(tmp_path):
+    src = folder(tmp_path / "in", a__jpg=Image.new("RGB", (80, 80), RED), b__png=Image.new("RGB", (80, 80), BLUE))
+    (src / "b.txt").write_text("a photo of sks dog in the snow\n")
+    manifest = run(src, tmp_path / "out")
+    assert [(m["file"], m["source"], m["caption"]) for m in manifest] == [
+        ("0000.png", str(src / "a.jpg"), "a photo of sks dog"),
+        ("0001.png", str(src / "b.png"), "a photo of sks dog in the snow"),
+        ("0002.png", str(src / "z0.png"), "a photo of sks dog"),
+        ("0003.png", str(src / "z1.png"), "a photo of sks dog")]
+    assert manifest[0]["sha256"] == hashlib.sha256((src / "a.jpg").read_bytes()).hexdigest()
+    assert manifest[0]["format"] == "JPEG" and manifest[0]["size"] == [80, 80]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
+    assert sheet.size == (4 * prepare.SHEET_CELL, prepare.SHEET_CELL + 14)
+    assert tuple(np.asarray(sheet)[64, prepare.SHEET_CELL + 64]) == BLUE
+
+
+def test_parallel_workers_give_the_same_files_as_one(tmp_path):
+    src = folder(tmp_path / "in", **{f"p{i}__png": halves(90 + i, 70, RED, (0, 0, 20 * i)) for i in range(5)})
+    run(src, tmp_path / "one", workers=1)
+    run(src, tmp_path / "four", workers=4)
+    for f in sorted((tmp_path / "one").iterdir()):
+        assert f.read_bytes() == (tmp_path / "four" / f.name).read_bytes(), f.name
 
 
 def test_too_few_photos_is_an_error_that_explains_why(tmp_path):
-    src = photos(tmp_path / "in", Image.new("RGB", (80, 80)))
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (80, 80)).save(src / "a.png")
     with pytest.raises(DreampipeError, match="1 usable photo.*at least 3"):
         run(src, tmp_path / "out")
 
 
 def test_resolution_must_be_a_multiple_of_64(tmp_path):
-    src = photos(tmp_path / "in", *[Image.new("RGB", (80, 80))] * 3)
+    src = folder(tmp_path / "in", a__png=Image.new("RGB", (80, 80)))
     with pytest.raises(DreampipeError, match="multiple of 64"):
         run(src, tmp_path / "out", resolution=100)

@@ -44,7 +44,7 @@ def cmd_prepare(a):
     from . import prepare
 
     manifest = prepare.run(Path(a.instance_dir), Path(a.out), a.resolution, a.mode, a.background,
-                           a.instance_prompt)
+                           a.instance_prompt, a.gravity, a.on_bad_image, a.workers)
     log.info("prepared %d images into %s", len(manifest), a.out)
 
 
@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     sp.add_argument("--mode", default="pad", choices=["pad", "crop", "stretch"])
     sp.add_argument("--background", default="white")
     sp.add_argument("--instance-prompt", required=True)
+    sp.add_argument("--gravity", default="center", help="part kept by crop, place of the photo in pad")
+    sp.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
+    sp.add_argument("--workers", type=int, default=1, help="photos prepared in parallel")
 
     sp = add("class-images", cmd_class_images, "generate the missing class images of a set")
     sp.add_argument("--model")
