@@ -121,7 +121,9 @@ def main(argv=None) -> int:
     sp.add_argument("--mode", default="pad", choices=["pad", "crop", "stretch"])
     sp.add_argument("--background", default="white")
     sp.add_argument("--instance-prompt", required=True)
-    sp.add_argument("--gravity", default="center", help="part kept by crop, place of the photo in pad")
+    sp.add_argument("--gravity", default="center", help="part kept by crop, place of the photo in pad",
+                    choices=["center", "north", "south", "east", "west", "north_west", "north_east",
+                             "south_west", "south_east"])
     sp.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
     sp.add_argument("--workers", type=int, default=1, help="photos prepared in parallel")
 
