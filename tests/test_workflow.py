@@ -3,7 +3,7 @@
 import torch
 import yaml
 
-from dreampipe import checkpoint, sampling
+from dreampipe import checkpoint, report_check, sampling
 
 
 def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
@@ -23,6 +23,16 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
     assert model.unet.dtype == torch.float32
     [image] = sampling.generate(model, ["a photo of sks robot"], [0], resolution=64, steps=2)
     assert image.size == (64, 64)
+
+    # the report shows every character's pictures, each identical to its file
+    workflow.snakemake("--report", "results/report.html")
+    report = workflow.path / "results" / "report.html"
+    shown = set(report_check.report_items(report))
+    for name in ("alice", "bob"):
+        assert {f"results/{name}/instance/contact_sheet.png", f"results/{name}/train/loss.png",
+                f"results/{name}/samples/final.png", f"results/{name}/settings.yaml"} <= shown
+    assert any(p.startswith("results/class/") for p in shown)
+    assert report_check.check_files(report, workflow.path) == []
 
     # a second run has nothing to do
     again = workflow.snakemake()

@@ -91,6 +91,17 @@ def cmd_sample(a):
                a.tokenizer, a.base_model)
 
 
+def cmd_check_report(a):
+    from . import report_check
+
+    problems = report_check.run(Path(a.report), Path(a.out))
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        raise DreampipeError(f"{a.report}: {len(problems)} image(s) do not display")
+    log.info("every image of %s displays; screenshot: %s", a.report, Path(a.out) / "report.png")
+
+
 def cmd_config_docs(a):
     from . import config
 
@@ -176,6 +187,10 @@ def main(argv=None) -> int:
     sp.add_argument("--guidance-scale", type=float, default=7.5)
     sp.add_argument("--tokenizer")
     sp.add_argument("--base-model", help="also sample this model, above (before/after)")
+
+    sp = add("check-report", cmd_check_report, "check that every image of a report displays (Chromium)")
+    sp.add_argument("report", nargs="?", default="results/report.html")
+    sp.add_argument("--out", default="results/report-check", help="folder for the screenshot")
 
     sp = add("config-docs", cmd_config_docs, "write config/README.md from the schemas")
     sp.add_argument("out", nargs="?", default="config/README.md")

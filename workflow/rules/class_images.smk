@@ -6,9 +6,16 @@ rule class_images:
         lambda wc: CLASS_SETS[wc.set]["model"],
     output:
         manifest=f"{R}/class/{{set}}/n{{num}}.json",
-        contact_sheet=f"{R}/class/{{set}}/n{{num}}.png",
+        contact_sheet=report(
+            f"{R}/class/{{set}}/n{{num}}.png",
+            caption="../report/class_sheet.rst",
+            category="class images",
+            labels={"set": "{set}", "images": "{num}"},
+        ),
     log:
         f"{R}/class/{{set}}/logs/n{{num}}.log",
+    benchmark:
+        f"{R}/class/{{set}}/benchmarks/n{{num}}.tsv"
     conda:
         "../../envs/dreampipe.yaml"
     # The batch size changes the speed, not the images: a resource, so changing it reruns nothing.
@@ -20,28 +27,6 @@ rule class_images:
     shell:
         "dreampipe class-images {params.args} --num {wildcards.num} --batch-size {resources.class_batch_size}"
         " --manifest {output.manifest:q} --log {log}"
-
-
-# The character's own class photos (class_data: <folder>) are prepared like its instance photos.
-rule class_photos:
-    input:
-        lambda wc: dpprepare.input_files(char(wc)["class_images"]["class_data"]),
-    output:
-        directory(f"{R}/{{character}}/class_photos"),
-    log:
-        f"{R}/{{character}}/logs/class_photos.log",
-    conda:
-        "../../envs/dreampipe.yaml"
-    params:
-        class_dir=lambda wc: char(wc)["class_images"]["class_data"],
-        resolution=lambda wc: char(wc)["prepare"]["resolution"],
-        mode=lambda wc: char(wc)["prepare"]["mode"],
-        background=lambda wc: char(wc)["prepare"]["background"],
-        class_prompt=lambda wc: char(wc)["class_images"]["class_prompt"],
-    shell:
-        "dreampipe prepare {params.class_dir:q} {output:q} --resolution {params.resolution}"
-        " --mode {params.mode} --background {params.background:q}"
-        " --instance-prompt {params.class_prompt:q} --log {log}"
 
 
 # Prepared images as class images: the user's class photos, or the instance images themselves

@@ -21,6 +21,15 @@ def char(wildcards):
     return CHARACTERS[wildcards.character]
 
 
+def photo_dir(wildcards):
+    c = char(wildcards)
+    return (
+        c["instance_dir"]
+        if wildcards.photos == "instance"
+        else c["class_images"]["class_data"]
+    )
+
+
 def base_model(wildcards):
     m = char(wildcards)["base_model"]
     return TINY_MODEL if m == dpconfig.TINY else m

@@ -5,6 +5,8 @@ rule export:
         f"{R}/{{character}}/{{character}}.{{format}}",
     log:
         f"{R}/{{character}}/logs/export-{{format}}.log",
+    benchmark:
+        f"{R}/{{character}}/benchmarks/export-{{format}}.tsv"
     wildcard_constraints:
         format="safetensors|ckpt",  # the file's type is its suffix: a new format is a new file
     conda:

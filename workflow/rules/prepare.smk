@@ -1,23 +1,40 @@
+# Photos -> square training images: the character's photos (instance), and its own class photos
+# when class_images.class_data names a folder (class_photos), captioned with the class prompt.
 rule prepare:
     input:
-        lambda wc: dpprepare.input_files(char(wc)["instance_dir"]),
+        lambda wc: dpprepare.input_files(photo_dir(wc)),
     output:
-        directory(f"{R}/{{character}}/instance"),
+        report(
+            directory(f"{R}/{{character}}/{{photos}}"),
+            patterns=["contact_{sheet}.png"],
+            caption="../report/contact_sheet.rst",
+            category="{character}",
+            subcategory="1 photos",
+            labels={"figure": "{photos}"},
+        ),
     log:
-        f"{R}/{{character}}/logs/prepare.log",
+        f"{R}/{{character}}/logs/prepare-{{photos}}.log",
+    benchmark:
+        f"{R}/{{character}}/benchmarks/prepare-{{photos}}.tsv"
+    wildcard_constraints:
+        photos="instance|class_photos",
     conda:
         "../../envs/dreampipe.yaml"
-    threads: workflow.cores
+    threads: 4  # capped at --cores by Snakemake
     params:
-        instance_dir=lambda wc: char(wc)["instance_dir"],
+        photo_dir=photo_dir,
         resolution=lambda wc: char(wc)["prepare"]["resolution"],
         mode=lambda wc: char(wc)["prepare"]["mode"],
         background=lambda wc: char(wc)["prepare"]["background"],
         gravity=lambda wc: char(wc)["prepare"]["gravity"],
         on_bad_image=lambda wc: char(wc)["prepare"]["on_bad_image"],
-        instance_prompt=lambda wc: char(wc)["instance_prompt"],
+        caption=lambda wc: (
+            char(wc)["instance_prompt"]
+            if wc.photos == "instance"
+            else char(wc)["class_images"]["class_prompt"]
+        ),
     shell:
-        "dreampipe prepare {params.instance_dir:q} {output:q} --resolution {params.resolution}"
+        "dreampipe prepare {params.photo_dir:q} {output:q} --resolution {params.resolution}"
         " --mode {params.mode} --background {params.background:q} --gravity {params.gravity}"
-        " --on-bad-image {params.on_bad_image} --instance-prompt {params.instance_prompt:q}"
+        " --on-bad-image {params.on_bad_image} --instance-prompt {params.caption:q}"
         " --workers {threads} --log {log}"

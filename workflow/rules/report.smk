@@ -5,6 +5,7 @@ rule settings:
             f"{R}/{{character}}/settings.yaml",
             caption="../report/settings.rst",
             category="{character}",
+            subcategory="0 settings",
             labels={"figure": "settings"},
         ),
     log:

@@ -3,9 +3,17 @@ rule sample:
         model=exported,
         base=base_model,
     output:
-        f"{R}/{{character}}/samples/final.png",
+        report(
+            f"{R}/{{character}}/samples/final.png",
+            caption="../report/final.rst",
+            category="{character}",
+            subcategory="4 result",
+            labels={"figure": "before/after"},
+        ),
     log:
         f"{R}/{{character}}/logs/sample.log",
+    benchmark:
+        f"{R}/{{character}}/benchmarks/sample.tsv"
     conda:
         "../../envs/dreampipe.yaml"
     resources:

@@ -7,9 +7,17 @@ rule train:
         class_manifest=class_manifest,
     output:
         model=f"{R}/{{character}}/train/model.safetensors",
-        loss=f"{R}/{{character}}/train/loss.png",
+        loss=report(
+            f"{R}/{{character}}/train/loss.png",
+            caption="../report/loss.rst",
+            category="{character}",
+            subcategory="3 training",
+            labels={"figure": "loss"},
+        ),
     log:
         f"{R}/{{character}}/logs/train.log",
+    benchmark:
+        f"{R}/{{character}}/benchmarks/train.tsv"
     conda:
         "../../envs/dreampipe.yaml"
     resources:
