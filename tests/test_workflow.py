@@ -14,7 +14,7 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
     for name in ("alice", "bob"):
         assert (out / name / f"{name}.safetensors").stat().st_size > 0
         assert (out / name / "samples" / "final.png").exists()
-        assert len(list((out / name / "instance").glob("0*.png"))) == 6
+        assert len(list((out / name / "instance" / "0").glob("0*.png"))) == 6
         assert (out / name / "train" / "loss.png").exists()
         assert not (out / name / ".state").exists(), "state is removed once the model is written"
 

@@ -10,6 +10,7 @@ from dreampipe import prepare as dpprepare
 
 wildcard_constraints:
     character="|".join(CHARACTERS) or "NONE",
+    subject=r"\d+",
 
 
 TINY_MODEL = f"{R}/base/tiny-sd.safetensors"
@@ -37,20 +38,30 @@ def tokenizer_arg(wildcards):
     return f"--tokenizer {t}" if t else ""
 
 
-def class_set(c):
-    """The shared store of class images for character c's settings."""
+def subject(wildcards):
+    return char(wildcards)["subjects"][int(wildcards.subject)]
+
+
+def instance_dirs(wildcards):
+    """The prepared photos of each subject of the character."""
+    return [f"{R}/{wildcards.character}/instance/{i}" for i in range(len(char(wildcards)["subjects"]))]
+
+
+def class_set(c, s):
+    """The shared store of class images for subject s of character c."""
     ci = c["class_images"]
     model = c["base_model"]
     model_id = "tiny-sd-v1" if model == dpconfig.TINY else dpconfig.model_id(model, Path(R) / ".cache" / "model-hashes.json")
-    return str(dpclass.set_dir(f"{R}/class", model_id, ci["class_prompt"], ci["negative_prompt"],
+    return str(dpclass.set_dir(f"{R}/class", model_id, s["class_prompt"], ci["negative_prompt"],
                            ci["sampler"], ci["steps"], ci["guidance_scale"], c["prepare"]["resolution"]))
 
 
-def class_manifest(wildcards):
+def class_manifests(wildcards):
+    """One class manifest per subject, in the order of instance_dirs."""
     c = char(wildcards)
     if c["class_images"]["class_data"] == "none":
         return []
-    return f"{class_set(c)}/n{c['class_images']['num_class_images']}.json"
+    return [f"{class_set(c, s)}/n{c['class_images']['num_class_images']}.json" for s in c["subjects"]]
 
 
 def _class_sets():
@@ -61,18 +72,19 @@ def _class_sets():
         if ci["class_data"] != "generate":
             continue
         wc = Namespace(character=c["name"])
-        sets[Path(class_set(c)).name] = {
-            "model": base_model(wc),
-            "args": shlex.join(
-                [
-                    "--model", base_model(wc), "--store", class_set(c), "--prompt", ci["class_prompt"],
-                    "--negative-prompt", ci["negative_prompt"], "--sampler", ci["sampler"],
-                    "--steps", str(ci["steps"]), "--guidance-scale", str(ci["guidance_scale"]),
-                    "--resolution", str(c["prepare"]["resolution"]), "--batch-size", str(ci["batch_size"]),
-                ]
-                + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
-            ),
-        }
+        for s in c["subjects"]:
+            sets[Path(class_set(c, s)).name] = {
+                "model": base_model(wc),
+                "args": shlex.join(
+                    [
+                        "--model", base_model(wc), "--store", class_set(c, s), "--prompt", s["class_prompt"],
+                        "--negative-prompt", ci["negative_prompt"], "--sampler", ci["sampler"],
+                        "--steps", str(ci["steps"]), "--guidance-scale", str(ci["guidance_scale"]),
+                        "--resolution", str(c["prepare"]["resolution"]), "--batch-size", str(ci["batch_size"]),
+                    ]
+                    + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
+                ),
+            }
     return sets
 
 
