@@ -160,7 +160,7 @@ def test_each_class_data_source_reaches_training(workflow):
     for line in plan.splitlines():
         if line.startswith("Shell command: dreampipe train "):
             args = shlex.split(line.split(": ", 1)[1])
-            name = Path(args[args.index("--instance-dir") + 1]).parent.name
+            name = Path(args[args.index("--instance-dir") + 1]).parent.parent.name
             commands[name] = args[args.index("--class-manifest") + 1] if "--class-manifest" in args else None
     assert sorted(commands) == ["gen1", "gen2", "inst", "mine", "nopp"]
     assert commands["gen1"] == commands["gen2"] and commands["gen1"].startswith("results/class/")
@@ -172,7 +172,7 @@ def test_each_class_data_source_reaches_training(workflow):
     out = {name: json.loads((workflow.path / m).read_text()) for name, m in commands.items() if m}
     assert all(m["prompt"] == "a photo of a robot" for m in out.values())
     assert len(out["gen1"]["images"]) == 3
-    assert out["inst"]["images"] == [f"results/inst/instance/{i:04d}.png" for i in range(6)]
+    assert out["inst"]["images"] == [f"results/inst/instance/0/{i:04d}.png" for i in range(6)]
     assert out["mine"]["images"] == [f"results/mine/class_photos/{i:04d}.png" for i in range(4)]
     assert Image.open(workflow.path / out["mine"]["images"][0]).size == (64, 64), "prepared like instance photos"
 

@@ -14,7 +14,7 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
     for name in ("alice", "bob"):
         assert (out / name / f"{name}.safetensors").stat().st_size > 0
         assert (out / name / "samples" / "final.png").exists()
-        assert len(list((out / name / "instance").glob("0*.png"))) == 6
+        assert len(list((out / name / "instance" / "0").glob("0*.png"))) == 6
         assert (out / name / "train" / "loss.png").exists()
         assert not (out / name / ".state").exists(), "state is removed once the model is written"
 
@@ -29,7 +29,7 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
     report = workflow.path / "results" / "report.html"
     shown = set(report_check.report_items(report))
     for name in ("alice", "bob"):
-        assert {f"results/{name}/instance/contact_sheet.png", f"results/{name}/train/loss.png",
+        assert {f"results/{name}/instance/0/contact_sheet.png", f"results/{name}/train/loss.png",
                 f"results/{name}/samples/final.png", f"results/{name}/settings.yaml"} <= shown
     assert any(p.startswith("results/class/") for p in shown)
     assert report_check.check_files(report, workflow.path) == []

@@ -66,8 +66,11 @@ def cmd_class_images(a):
 def cmd_train(a):
     from . import train
 
-    train.run(a.model, a.tokenizer, Path(a.instance_dir), a.class_manifest and Path(a.class_manifest),
-              json.loads(a.settings), Path(a.state), Path(a.workdir), Path(a.out))
+    if a.class_manifest and len(a.class_manifest) != len(a.instance_dir):
+        raise DreampipeError("train: give one --class-manifest per --instance-dir, or none")
+    subjects = [(Path(d), Path(m) if m else None)
+                for d, m in zip(a.instance_dir, a.class_manifest or [None] * len(a.instance_dir))]
+    train.run(a.model, a.tokenizer, subjects, json.loads(a.settings), Path(a.state), Path(a.workdir), Path(a.out))
 
 
 def cmd_export(a):
@@ -157,8 +160,8 @@ def main(argv=None) -> int:
     sp = add("train", cmd_train, "DreamBooth finetuning (resumes from --state)")
     sp.add_argument("--model", required=True)
     sp.add_argument("--tokenizer")
-    sp.add_argument("--instance-dir", required=True)
-    sp.add_argument("--class-manifest")
+    sp.add_argument("--instance-dir", required=True, action="append", help="prepared photos; once per subject")
+    sp.add_argument("--class-manifest", action="append", help="class images of the subject; once per subject")
     sp.add_argument("--settings", required=True, help="JSON of the train settings")
     sp.add_argument("--state", required=True, help="resumable state folder")
     sp.add_argument("--workdir", required=True, help="folder for samples and loss logs")

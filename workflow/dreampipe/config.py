@@ -21,6 +21,7 @@ from .errors import DreampipeError
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 SECTIONS = ("prepare", "class_images", "train", "export", "sample")
 TINY = "tiny"
+SUBJECT_KEYS = ("instance_dir", "token", "class_word", "instance_prompt")
 
 
 def _schema(name: str) -> dict:
@@ -113,23 +114,45 @@ def load(config: dict, workdir: Path = Path("."), configfile: str = "config/conf
 def character(cfg: dict, path: Path, workdir: Path) -> dict:
     data = read_yaml(path)
     validate(data, "character", path)
-    instance_dir = Path(data["instance_dir"])
-    if not (workdir / instance_dir).is_dir():
-        raise DreampipeError(f"{path}: instance_dir '{instance_dir}' is not a folder; create it and "
-                             "put 5-20 photos of the character in it, or fix the path")
-    c = merge({k: v for k, v in cfg.items() if k not in ("characters", "characters_dir")}, data)
-    c.setdefault("instance_prompt", "a photo of {token} {class_word}")
-    words = {"token": c["token"], "class_word": c["class_word"]}
-    c["instance_prompt"] = c["instance_prompt"].format(**words)
-    words["instance_prompt"] = c["instance_prompt"]
-    c["class_images"]["class_prompt"] = c["class_images"]["class_prompt"] or f"a photo of a {c['class_word']}"
-    c["sample"]["prompts"] = [p.format(**words) for p in c["sample"]["prompts"]]
-    c["train"]["sample_prompts"] = [p.format(**words) for p in c["train"]["sample_prompts"]]
+    top = {k: data[k] for k in SUBJECT_KEYS if k in data}
+    if "subjects" in data and top:
+        raise DreampipeError(f"{path}: {', '.join(top)} given beside subjects; move them into the subjects list")
+    for key in () if "subjects" in data else SUBJECT_KEYS[:3]:
+        if key not in data:
+            raise DreampipeError(f"{path}: '{key}' is a required property; add it (see config/README.md)")
+    c = merge({k: v for k, v in cfg.items() if k not in ("characters", "characters_dir")},
+              {k: v for k, v in data.items() if k not in SUBJECT_KEYS and k != "subjects"})
+    c["subjects"] = [subject(s, c, path, workdir) for s in data.get("subjects", [top])]
+    tokens = [s["token"] for s in c["subjects"]]
+    if len(set(tokens)) < len(tokens):
+        raise DreampipeError(f"{path}: subjects share a token ({', '.join(tokens)}); give each its own rare word")
+    c.update({k: c["subjects"][0][k] for k in SUBJECT_KEYS})  # the (first) subject, for single-subject use
+    c["class_images"]["class_prompt"] = c["subjects"][0]["class_prompt"]
+    c["sample"]["prompts"] = for_each_subject(c["sample"]["prompts"], c["subjects"])
+    c["train"]["sample_prompts"] = for_each_subject(c["train"]["sample_prompts"], c["subjects"])
     if c["prepare"]["resolution"] % 64:
         raise DreampipeError(f"{path}: prepare.resolution is {c['prepare']['resolution']}; it must be "
                              "a multiple of 64 (e.g. 512)")
     c["name"] = path.stem
     return c
+
+
+def subject(data: dict, c: dict, path: Path, workdir: Path) -> dict:
+    """One subject with its prompts filled in."""
+    instance_dir = Path(data["instance_dir"])
+    if not (workdir / instance_dir).is_dir():
+        raise DreampipeError(f"{path}: instance_dir '{instance_dir}' is not a folder; create it and "
+                             "put 5-20 photos of the character in it, or fix the path")
+    words = {"token": data["token"], "class_word": data["class_word"]}
+    return {**data, **words,
+            "instance_prompt": data.get("instance_prompt", "a photo of {token} {class_word}").format(**words),
+            "class_prompt": (data.get("class_prompt") or c["class_images"]["class_prompt"]
+                             or f"a photo of a {data['class_word']}")}
+
+
+def for_each_subject(prompts: list[str], subjects: list[dict]) -> list[str]:
+    """Prompts with {token}, {class_word}, {instance_prompt} filled in, once per subject that changes them."""
+    return list(dict.fromkeys(p.format(**s) for p in prompts for s in subjects))
 
 
 def train_settings(c: dict) -> dict:

@@ -1,8 +1,10 @@
 """Train: DreamBooth finetuning with prior preservation, in Lightning, resumable after a kill.
 
-Every random draw of micro-batch k (which images, flips, noise, timesteps) comes from a generator
-seeded with (seed, k), so a run resumed from its saved state makes exactly the draws the
-uninterrupted run would have made, and ends with bit-identical weights.
+Every random draw is a pure function of the seed and a position: which images the k-th
+micro-batch holds, and for the item at global position p (counted over all devices) its flip,
+latent sample, noise and timestep. A run resumed from its saved state therefore makes exactly
+the draws the uninterrupted run would have made and ends with bit-identical weights, and the
+draws of an item do not depend on the batch it lands in.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import checkpoint, sampling
@@ -26,56 +29,86 @@ from .images import grid, save_atomic
 
 log = logging.getLogger("dreampipe.train")
 STATE_FILE = "last.ckpt"
+# Settings that change what is written along the way but not the trained weights: changing one
+# resumes the saved state instead of starting over.
+NOT_SHAPING_WEIGHTS = ("sample_every_n_steps", "sample_prompts", "sample_seeds", "sample_steps",
+                       "sample_guidance_scale", "save_state_every_n_steps", "keep_state",
+                       "save_every_n_steps", "keep_last", "devices")
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+def rng(*key) -> torch.Generator:
+    """A generator seeded by a hash of `key`: independent streams with no seed arithmetic to collide."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def cycle_index(seed: int, stream: int, position: int, count: int) -> int:
+def cycle_index(seed: int, stream, position: int, count: int) -> int:
     """Item `position` of an endless sequence of shuffled passes over `count` items."""
-    perm = torch.randperm(count, generator=step_generator(seed, position // count, stream))
+    perm = torch.randperm(count, generator=rng(seed, "pass", stream, position // count))
     return int(perm[position % count])
 
 
 class StepIndices(IterableDataset):
-    """Micro-batch k: which instance and class images, and which to flip. Any counts work:
-    the instance and class streams cycle independently and max_steps alone ends training."""
+    """Micro-batch k of this rank: the global positions of its items, and for each the instance
+    and class image. The global batch of micro-batch k is positions k*B .. k*B+B-1 with
+    B = batch_size x world_size; rank r takes its batch_size of them. Position p belongs to
+    subject p mod S (round robin); each subject's instance and class images cycle independently
+    in shuffled passes, so any counts work and max_steps alone ends training."""
 
-    def __init__(self, settings: dict, n_instance: int, n_class: int, start: int, total: int):
-        self.s, self.n_instance, self.n_class, self.start, self.total = settings, n_instance, n_class, start, total
+    def __init__(self, settings: dict, instance_counts: list[int], class_counts: list[int],
+                 start: int, total: int, rank: int = 0, world_size: int = 1):
+        self.s, self.start, self.total, self.rank, self.world = settings, start, total, rank, world_size
+        self.n_inst, self.n_cls = instance_counts, class_counts
+        self.inst_offset = [sum(instance_counts[:i]) for i in range(len(instance_counts))]
+        self.cls_offset = [sum(class_counts[:i]) for i in range(len(class_counts))]
+
+    def item(self, p: int) -> tuple[int, int | None]:
+        seed, subjects = self.s["seed"], len(self.n_inst)
+        s, q = p % subjects, p // subjects
+        inst = self.inst_offset[s] + cycle_index(seed, ("instance", s), q, self.n_inst[s])
+        cls = self.cls_offset[s] + cycle_index(seed, ("class", s), q, self.n_cls[s]) if self.n_cls[s] else None
+        return inst, cls
 
     def __iter__(self):
-        bs, seed = self.s["batch_size"], self.s["seed"]
+        bs = self.s["batch_size"]
         for k in range(self.start, self.total):
-            inst = [cycle_index(seed, 1, k * bs + j, self.n_instance) for j in range(bs)]
-            cls = [cycle_index(seed, 2, k * bs + j, self.n_class) for j in range(bs)] if self.n_class else []
-            flip = (torch.rand(len(inst) + len(cls), generator=step_generator(seed, k, 3)) < 0.5
-                    if self.s["random_flip"] else torch.zeros(len(inst) + len(cls), dtype=torch.bool))
-            yield {"step": k, "instance": torch.tensor(inst), "class": torch.tensor(cls, dtype=torch.long),
-                   "flip": flip}
+            positions = [(k * self.world + self.rank) * bs + j for j in range(bs)]
+            items = [self.item(p) for p in positions]
+            yield {"step": k, "position": torch.tensor(positions),
+                   "instance": torch.tensor([i for i, _ in items]),
+                   "class": torch.tensor([c for _, c in items if c is not None], dtype=torch.long)}
 
 
 class DreamBoothData(pl.LightningDataModule):
-    def __init__(self, instance_dir: Path, class_manifest: Path | None, settings: dict):
+    """The prepared images of every subject (instance folder + optional class manifest each),
+    flattened into one table each for instance and class images, with a caption per image."""
+
+    def __init__(self, subjects: list[tuple[Path, Path | None]], settings: dict):
         super().__init__()
         from PIL import Image
 
-        manifest = json.loads((Path(instance_dir) / "manifest.json").read_text())
         self.settings = settings
-        self.instance_images = sampling.from_pil([Image.open(Path(instance_dir) / m["file"]) for m in manifest])
-        self.instance_captions = [m["caption"] for m in manifest]
-        self.class_images, self.class_prompt = torch.empty(0), ""
-        if class_manifest:
-            cm = json.loads(Path(class_manifest).read_text())
-            self.class_images = sampling.from_pil([Image.open(f) for f in cm["images"]])
-            self.class_prompt = cm["prompt"]
+        instance, classes, self.instance_counts, self.class_counts = [], [], [], []
+        self.instance_captions, self.class_captions = [], []
+        for instance_dir, class_manifest in subjects:
+            manifest = json.loads((Path(instance_dir) / "manifest.json").read_text())
+            instance += [Image.open(Path(instance_dir) / m["file"]) for m in manifest]
+            self.instance_captions += [m["caption"] for m in manifest]
+            self.instance_counts.append(len(manifest))
+            files = json.loads(Path(class_manifest).read_text()) if class_manifest else {"images": []}
+            classes += [Image.open(f) for f in files["images"]]
+            self.class_captions += [files.get("prompt", "")] * len(files["images"])
+            self.class_counts.append(len(files["images"]))
+        if any(self.class_counts) and not all(self.class_counts):
+            raise DreampipeError("every subject needs class images, or none: give each subject a class manifest")
+        self.instance_images = sampling.from_pil(instance)
+        self.class_images = sampling.from_pil(classes) if classes else torch.empty(0)
 
     def train_dataloader(self):
-        accum = self.settings["gradient_accumulation_steps"]
-        start = self.trainer.global_step * accum  # restored already when resuming
-        data = StepIndices(self.settings, len(self.instance_images), len(self.class_images),
-                           start, self.settings["max_steps"] * accum)
+        accum, trainer = self.settings["gradient_accumulation_steps"], self.trainer
+        start = trainer.global_step * accum  # restored already when resuming
+        data = StepIndices(self.settings, self.instance_counts, self.class_counts, start,
+                           self.settings["max_steps"] * accum, trainer.global_rank, trainer.world_size)
         return DataLoader(data, batch_size=None, num_workers=0)
 
 
@@ -85,6 +118,7 @@ class DreamBooth(pl.LightningModule):
     def __init__(self, model: checkpoint.StableDiffusion, settings: dict):
         super().__init__()
         from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
 
         self.sd, self.s = model, settings
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
@@ -93,17 +127,36 @@ class DreamBooth(pl.LightningModule):
         self.text_encoder.requires_grad_(settings["train_text_encoder"])
         if settings["gradient_checkpointing"]:
             self.unet.enable_gradient_checkpointing()
+        # the decay ramps up as (1 + step) / (10 + step) up to ema_decay, so short runs average too
+        self.ema = EMAModel(self.unet.parameters(), decay=settings["ema_decay"], foreach=True) if settings["ema"] else None
         self.strict_loading = False  # saved state holds only the trained networks
 
-    # -- caches: the VAE is frozen, so latents are encoded once; so are captions when the text
+    # -- caches: the VAE is frozen, so latents are encoded once; so are captions while the text
     #    encoder is frozen.
     def on_fit_start(self):
         dm = self.trainer.datamodule
+        if self.ema:
+            self.ema.to(self.device)
         self.vae.eval()
         self.instance_latents = self._encode_images(dm.instance_images)
         self.class_latents = self._encode_images(dm.class_images) if len(dm.class_images) else None
-        self.captions = dm.instance_captions + [dm.class_prompt]
-        self.caption_embeddings = None if self.s["train_text_encoder"] else self._embed(self.captions).detach()
+        self.captions = list(dict.fromkeys(dm.instance_captions + dm.class_captions))
+        index = {c: i for i, c in enumerate(self.captions)}
+        self.instance_caption = torch.tensor([index[c] for c in dm.instance_captions])
+        self.class_caption = torch.tensor([index[c] for c in dm.class_captions], dtype=torch.long)
+        self.caption_embeddings = None
+        if not self.text_encoder_trained():
+            self.cache_captions()
+
+    def cache_captions(self):
+        """Embed every caption once: the text encoder is frozen, from the start or since text_encoder_steps."""
+        self.text_encoder.requires_grad_(False)
+        with torch.no_grad():
+            self.caption_embeddings = self._embed(self.captions)
+
+    def text_encoder_trained(self) -> bool:
+        stop = self.s["text_encoder_steps"]
+        return self.s["train_text_encoder"] and (stop is None or self.global_step < stop)
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> dict:
@@ -120,34 +173,42 @@ class DreamBooth(pl.LightningModule):
                                 max_length=self.sd.tokenizer.model_max_length, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0]
 
-    def _latents(self, cache: dict, index: torch.Tensor, flip: torch.Tensor, g: torch.Generator):
-        index = index.to(self.device)
-        flip = flip.to(self.device)[:, None, None, None]
+    def _items(self, cache: dict, index: torch.Tensor, positions: list[int], kind: str):
+        """Latents, noise and timesteps of the items, each drawn from its own (seed, position) stream."""
+        shape = cache["mean"].shape[1:]
+        flips, eps, noise, timesteps = [], [], [], []
+        for p in positions:
+            g = rng(self.s["seed"], "item", kind, p)
+            flips.append(bool(torch.rand((), generator=g) < 0.5) if self.s["random_flip"] else False)
+            eps.append(torch.randn(shape, generator=g))
+            n = torch.randn(shape, generator=g)
+            if self.s["offset_noise"]:
+                n = n + self.s["offset_noise"] * torch.randn(shape[0], 1, 1, generator=g)
+            noise.append(n)
+            timesteps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (), generator=g))
+        index, flip = index.to(self.device), torch.tensor(flips, device=self.device)[:, None, None, None]
         mean = torch.where(flip, cache["mean_flip"][index], cache["mean"][index])
         std = torch.where(flip, cache["std_flip"][index], cache["std"][index])
-        eps = torch.randn(mean.shape, generator=g).to(self.device)
-        return (mean + std * eps) * self.vae.config.scaling_factor
+        latents = (mean + std * torch.stack(eps).to(self.device)) * self.vae.config.scaling_factor
+        return latents, torch.stack(noise).to(self.device), torch.stack(timesteps).to(self.device)
 
     def training_step(self, batch, batch_idx):
-        g = step_generator(self.s["seed"], int(batch["step"]), 0)
+        if self.caption_embeddings is None and not self.text_encoder_trained():
+            self.cache_captions()
+        positions = batch["position"].tolist()
         n_inst, n_cls = len(batch["instance"]), len(batch["class"])
-        latents = [self._latents(self.instance_latents, batch["instance"], batch["flip"][:n_inst], g)]
-        caption_ids = batch["instance"].tolist()
+        parts = [self._items(self.instance_latents, batch["instance"], positions, "instance")]
+        caption_ids = [self.instance_caption[batch["instance"].cpu()]]
         if n_cls:
-            latents.append(self._latents(self.class_latents, batch["class"], batch["flip"][n_inst:], g))
-            caption_ids += [len(self.captions) - 1] * n_cls
-        latents = torch.cat(latents)
-        noise = torch.randn(latents.shape, generator=g)
-        if self.s["offset_noise"]:
-            noise += self.s["offset_noise"] * torch.randn(*latents.shape[:2], 1, 1, generator=g)
-        noise = noise.to(self.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                                  generator=g).to(self.device)
+            parts.append(self._items(self.class_latents, batch["class"], positions, "class"))
+            caption_ids.append(self.class_caption[batch["class"].cpu()])
+        latents, noise, timesteps = (torch.cat(t) for t in zip(*parts))
+        caption_ids = torch.cat(caption_ids)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.caption_embeddings is None:
-            context = self._embed([self.captions[i] for i in caption_ids])
+            context = self._embed([self.captions[i] for i in caption_ids.tolist()])
         else:
-            context = self.caption_embeddings[torch.tensor(caption_ids, device=self.device)]
+            context = self.caption_embeddings[caption_ids.to(self.device)]
         pred = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         loss = instance_loss = F.mse_loss(pred[:n_inst].float(), noise[:n_inst].float())
         self.log("instance_loss", instance_loss)
@@ -161,46 +222,118 @@ class DreamBooth(pl.LightningModule):
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": self.s["learning_rate"]}]
+        factor = lr_factor(self.s, self.trainer.world_size, len(self.trainer.datamodule.instance_captions))
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
+                   "lr": self.s["learning_rate"] * factor}]
         if self.s["train_text_encoder"]:
             groups.append({"params": list(self.text_encoder.parameters()),
-                           "lr": self.s["text_encoder_learning_rate"] or self.s["learning_rate"]})
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.s["adam_weight_decay"], fused=fused)
+                           "lr": (self.s["text_encoder_learning_rate"] or self.s["learning_rate"]) * factor})
+        if factor != 1:
+            log.info("learning rate scaled x%g (%s) to %s", factor, self.s["scale_lr"], [g["lr"] for g in groups])
+        optimizer = make_optimizer(groups, self.s, self.device)
         scheduler = get_scheduler(self.s["lr_scheduler"], optimizer, num_warmup_steps=self.s["lr_warmup_steps"],
                                   num_training_steps=self.s["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.ema:
+            self.ema.step(self.unet.parameters())
+
     def on_save_checkpoint(self, ckpt):
         trained = ("unet.", "text_encoder.") if self.s["train_text_encoder"] else ("unet.",)
         ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(trained)}
+        if self.ema:
+            ckpt["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, ckpt):
+        if self.ema:
+            self.ema.load_state_dict(ckpt["ema"])
+
+    def with_ema_weights(self, action):
+        """Run action() with the EMA weights in the UNet (if EMA is on), then put the raw ones back."""
+        if not self.ema:
+            return action()
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        try:
+            return action()
+        finally:
+            self.ema.restore(self.unet.parameters())
+
+    def state_bytes(self) -> int:
+        """About how large a saved state is: trained weights, two Adam moments each, EMA."""
+        trained = [p for p in self.parameters() if p.requires_grad]
+        size = sum(p.numel() * p.element_size() for p in trained) * 3
+        return size + (sum(p.numel() * 4 for p in self.unet.parameters()) if self.ema else 0)
+
+
+def lr_factor(settings: dict, world_size: int, instance_images: int) -> float:
+    """scale_lr: batch = x batch_size x accumulation x devices (the CompVis rule); batch_and_images
+    also x the number of instance images."""
+    if settings["scale_lr"] == "none":
+        return 1
+    batch = settings["batch_size"] * settings["gradient_accumulation_steps"] * world_size
+    return batch * (instance_images if settings["scale_lr"] == "batch_and_images" else 1)
+
+
+def make_optimizer(groups: list[dict], settings: dict, device: torch.device) -> torch.optim.Optimizer:
+    if settings["optimizer"] == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise DreampipeError("train.optimizer is adamw8bit but bitsandbytes is not installed: "
+                                 "pip install bitsandbytes (on a CUDA machine), or set train.optimizer: adamw") from None
+        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=settings["adam_weight_decay"])
+    return torch.optim.AdamW(groups, weight_decay=settings["adam_weight_decay"], fused=device.type == "cuda")
+
+
+def at_step_end(trainer, batch_idx: int) -> bool:
+    """This micro-batch completed an optimizer step."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
 
 
 class SaveState(pl.Callback):
-    """Lightning state (weights, optimizer, scheduler, step) every n steps and at SIGTERM/SIGINT,
+    """Lightning state (weights, optimizer, EMA, scheduler, step) every n steps and at SIGTERM/SIGINT,
     written atomically into the state dir, which Snakemake never deletes."""
 
     def __init__(self, state_dir: Path, every_n_steps: int):
         self.path, self.every = Path(state_dir) / STATE_FILE, every_n_steps
-        self.interrupted = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        self.interrupted, self.saved_step = None, None
+        self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_train_start(self, trainer, module):
+        # installed after Lightning's own SIGTERM handler, which would exit at once, mid-accumulation
+        for sig in self.previous:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame):
         self.interrupted = signal.Signals(signum).name
 
+    def restore_signals(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
     def save(self, trainer):
+        if trainer.is_global_zero:
+            checkpoint.check_disk_space(self.path, trainer.lightning_module.state_bytes())
         tmp = self.path.with_name(self.path.name + ".tmp")
         trainer.save_checkpoint(tmp)
-        os.replace(tmp, self.path)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.path)
+        self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if not at_step_end(trainer, batch_idx):
+            return
         step = trainer.global_step
-        at_boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if self.interrupted and at_boundary:
+        # every rank must stop at the same step, whichever got the signal
+        stop = trainer.strategy.reduce_boolean_decision(bool(self.interrupted), all=False)
+        if stop:
+            self.interrupted = self.interrupted or "a signal to another rank"
             self.save(trainer)
             trainer.should_stop = True
-        elif at_boundary and self.every and step % self.every == 0 and step < trainer.max_steps:
+        elif self.every and step % self.every == 0 and step < trainer.max_steps:
             self.save(trainer)
 
 
@@ -213,13 +346,15 @@ class Progress(pl.Callback):
     def on_train_start(self, trainer, module):
         from tqdm import tqdm
 
+        if not trainer.is_global_zero:
+            return
         self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step", desc="train")
         rows = self.csv.read_text().splitlines()[1:] if self.csv.exists() and trainer.global_step else []
         kept = [r for r in rows if int(r.split(",")[0]) <= trainer.global_step]
         self.csv.write_text("\n".join(["step,loss,instance_loss,prior_loss", *kept]) + "\n")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if not (trainer.is_global_zero and at_step_end(trainer, batch_idx)):
             return
         m = trainer.callback_metrics
         loss = float(m["loss"])
@@ -232,7 +367,8 @@ class Progress(pl.Callback):
             log.info("step %d/%d loss %.4f (%s)", trainer.global_step, trainer.max_steps, loss, self.bar.format_dict.get("rate"))
 
     def on_train_end(self, trainer, module):
-        self.bar.close()
+        if trainer.is_global_zero:
+            self.bar.close()
 
 
 class SampleGrid(pl.Callback):
@@ -243,7 +379,7 @@ class SampleGrid(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         every = self.s["sample_every_n_steps"]
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and every and trainer.global_step % every == 0:
+        if trainer.is_global_zero and at_step_end(trainer, batch_idx) and every and trainer.global_step % every == 0:
             self.write(module, trainer.global_step)
 
     def write(self, module, step):
@@ -257,9 +393,30 @@ class SampleGrid(pl.Callback):
         save_atomic(grid(images, labels, columns=len(self.s["sample_seeds"])), self.dir / f"step-{step:05d}.png")
 
 
-def fingerprint(settings: dict, inputs: list[Path]) -> str:
-    """What shaped this run: the settings and the content of every input file."""
-    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+class SaveCheckpoints(pl.Callback):
+    """The guide's progressive checkpoints, but small: every n steps the model in the export format
+    (fp16 inference weights, LDM layout; the EMA weights when EMA is on), keeping the last few."""
+
+    def __init__(self, workdir: Path, every_n_steps: int, keep_last: int):
+        self.dir, self.every, self.keep = Path(workdir) / "checkpoints", every_n_steps, keep_last
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not (trainer.is_global_zero and at_step_end(trainer, batch_idx) and self.every
+                and step % self.every == 0 and step < trainer.max_steps):
+            return
+        path = self.dir / f"step-{step:05d}.safetensors"
+        module.with_ema_weights(lambda: checkpoint.save(module.sd, path, dtype="fp16",
+                                                        metadata={"dreampipe.steps": step}))
+        if self.keep:
+            for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.keep]:
+                old.unlink()
+
+
+def fingerprint(settings: dict, inputs: list[Path], world_size: int) -> str:
+    """What shaped this run's weights: the training settings and the content of every input file."""
+    shaping = {k: v for k, v in settings.items() if k not in NOT_SHAPING_WEIGHTS}
+    h = hashlib.sha256(json.dumps({**shaping, "world_size": world_size}, sort_keys=True).encode())
     for path in inputs:
         h.update(hashlib.sha256(Path(path).read_bytes()).digest() if Path(path).is_file() else str(path).encode())
     return h.hexdigest()
@@ -271,50 +428,93 @@ def precision(setting: str) -> str:
     return "bf16-mixed" if torch.cuda.is_available() else "32-true"
 
 
-def run(model_path, tokenizer, instance_dir: Path, class_manifest: Path | None, settings: dict,
+def world_size(devices) -> int:
+    """Processes that train: `devices` GPUs (a count, a list of indexes into CUDA_VISIBLE_DEVICES,
+    or auto = all of them), or processes on the CPU."""
+    if devices == "auto":
+        return max(1, torch.cuda.device_count())
+    return len(devices) if isinstance(devices, list) else int(devices)
+
+
+def tensorboard_logger(workdir: Path):
+    """TensorBoard logs under train/tensorboard when tensorboard is installed (optional)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return False
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(workdir, name="tensorboard", version="", default_hp_metric=False)
+
+
+def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], settings: dict,
         state_dir: Path, workdir: Path, out: Path) -> Path:
+    """Train on `subjects`, each (prepared instance folder, class manifest or None)."""
     state_dir, workdir, out = Path(state_dir), Path(workdir), Path(out)
     for name in ("pytorch_lightning", "lightning_fabric"):  # they reset their levels on import
         logging.getLogger(name).setLevel(logging.ERROR)
-    inputs = [Path(model_path), Path(instance_dir) / "manifest.json"] + ([Path(class_manifest)] if class_manifest else [])
-    fp = fingerprint(settings, inputs)
+    world = world_size(settings["devices"])
+    inputs = [Path(model_path)] + [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
+    fp = fingerprint(settings, inputs, world)
     resume = state_dir / STATE_FILE
-    if resume.exists() and (state_dir / "fingerprint").read_text() == fp:
-        log.info("resuming from %s", resume)
-        ckpt_path = resume
-    else:
-        if state_dir.exists():
-            log.info("settings or inputs changed since the saved state: starting fresh")
-            shutil.rmtree(state_dir)
-        state_dir.mkdir(parents=True)
-        (state_dir / "fingerprint").write_text(fp)
-        shutil.rmtree(workdir / "samples", ignore_errors=True)
-        ckpt_path = None
-    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resume if resume.exists() and (state_dir / "fingerprint").read_text() == fp else None
+    # DDP starts the other ranks by running this command again: only the first prepares the folders
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        if ckpt_path:
+            log.info("resuming from %s", resume)
+        else:
+            if state_dir.exists():
+                log.info("settings or inputs changed since the saved state: starting fresh")
+                shutil.rmtree(state_dir)
+            state_dir.mkdir(parents=True)
+            (state_dir / "fingerprint").write_text(fp)
+            for name in ("samples", "checkpoints", "tensorboard"):
+                shutil.rmtree(workdir / name, ignore_errors=True)
+        workdir.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(settings["seed"], verbose=False)
     model = checkpoint.load(model_path, tokenizer=tokenizer)
-    data = DreamBoothData(instance_dir, class_manifest, settings)
+    data = DreamBoothData(subjects, settings)
     module = DreamBooth(model, settings)
     saver = SaveState(state_dir, settings["save_state_every_n_steps"])
     sampler = SampleGrid(workdir, settings)
+    logger = tensorboard_logger(workdir)
+    callbacks = [saver, Progress(workdir), sampler,
+                 SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"])]
+    if logger:
+        callbacks.append(pl.callbacks.LearningRateMonitor("step"))
+    # after text_encoder_steps the text encoder gets no gradients, which DDP must be told
+    te_stops = settings["train_text_encoder"] and settings["text_encoder_steps"] is not None
+    strategy = ("ddp_find_unused_parameters_true" if te_stops else "ddp") if world > 1 else "auto"
     trainer = pl.Trainer(
-        max_steps=settings["max_steps"], accelerator="auto", devices=1,
+        max_steps=settings["max_steps"], accelerator="auto", devices=settings["devices"], strategy=strategy,
         precision=precision(settings["precision"]),
         accumulate_grad_batches=settings["gradient_accumulation_steps"],
         gradient_clip_val=settings["max_grad_norm"] or None,
-        callbacks=[saver, Progress(workdir), sampler], logger=False, enable_checkpointing=False,
+        callbacks=callbacks, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:  # Lightning's handler: the signal came before training started
+        saver.interrupted = "SIGTERM"
     except torch.cuda.OutOfMemoryError:
         raise DreampipeError(
             "CUDA out of memory while training. In the character file set train.gradient_checkpointing: "
             "true, train.optimizer: adamw8bit, or a smaller train.batch_size") from None
+    finally:
+        saver.restore_signals()  # from here a kill is a kill: the state on disk stays until the model is written
     if saver.interrupted:
-        raise DreampipeError(f"training stopped by {saver.interrupted} at step {trainer.global_step}; "
-                             f"state saved in {state_dir}: run the same command again to resume")
+        if trainer.global_step == trainer.max_steps != saver.saved_step and trainer.world_size == 1:
+            saver.save(trainer)  # the signal came after the last step
+        saved = (f"state of step {saver.saved_step} saved in {state_dir}" if saver.saved_step is not None
+                 else f"the state in {state_dir} (if any) is unchanged")
+        raise DreampipeError(f"training stopped by {saver.interrupted} at step {trainer.global_step}; {saved}: "
+                             "run the same command again to resume")
+    if not trainer.is_global_zero:
+        return out
+    if module.ema:
+        module.ema.copy_to(module.unet.parameters())  # the model gets the EMA weights
     sampler.write(module, trainer.global_step)
     plot_loss(workdir / "loss.csv", workdir / "loss.png")
     model.to("cpu", torch.float32)

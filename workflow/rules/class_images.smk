@@ -30,7 +30,7 @@ rule class_images:
 
 
 # Prepared images as class images: the user's class photos, or the instance images themselves
-# (class_data: instance, the guide's FAQ trick), all with the class prompt.
+# of a subject (class_data: instance, the guide's FAQ trick), with the class prompt.
 rule class_prepared:
     input:
         f"{R}/{{character}}/{{prepared}}",
@@ -40,11 +40,11 @@ rule class_prepared:
     log:
         f"{R}/{{character}}/logs/{{prepared}}.class.log",
     wildcard_constraints:
-        prepared="instance|class_photos",
+        prepared=r"instance/\d+|class_photos",
     conda:
         "../../envs/dreampipe.yaml"
     params:
-        class_prompt=lambda wc: char(wc)["class_images"]["class_prompt"],
+        class_prompt=prepared_class_prompt,
     shell:
         "dreampipe class-images --prepared {input:q} --manifest {output.manifest:q}"
         " --prompt {params.class_prompt:q} --log {log}"

@@ -11,6 +11,7 @@ from dreampipe import prepare as dpprepare
 
 wildcard_constraints:
     character="|".join(CHARACTERS) or "NONE",
+    subject=r"\d+",
 
 
 TINY_MODEL = f"{R}/base/tiny-sd.safetensors"
@@ -21,13 +22,29 @@ def char(wildcards):
     return CHARACTERS[wildcards.character]
 
 
-def photo_dir(wildcards):
-    c = char(wildcards)
+def photo_subject(photos, c):
+    """The subject whose prepared photos `photos` (instance/<i>) are, or None for the character's
+    own class photos (class_photos)."""
     return (
-        c["instance_dir"]
-        if wildcards.photos == "instance"
-        else c["class_images"]["class_data"]
+        None if photos == "class_photos" else c["subjects"][int(photos.split("/")[1])]
     )
+
+
+def photo_dir(wildcards):
+    s = photo_subject(wildcards.photos, char(wildcards))
+    return s["instance_dir"] if s else char(wildcards)["class_images"]["class_data"]
+
+
+def photo_caption(wildcards):
+    s = photo_subject(wildcards.photos, char(wildcards))
+    return (
+        s["instance_prompt"] if s else char(wildcards)["class_images"]["class_prompt"]
+    )
+
+
+def prepared_class_prompt(wildcards):
+    s = photo_subject(wildcards.prepared, char(wildcards))
+    return s["class_prompt"] if s else char(wildcards)["class_images"]["class_prompt"]
 
 
 def base_model(wildcards):
@@ -47,8 +64,20 @@ def tokenizer_arg(wildcards):
     return f"--tokenizer {t}" if t else ""
 
 
-def class_set(c):
-    """The shared store of class images for character c's settings."""
+def subject(wildcards):
+    return char(wildcards)["subjects"][int(wildcards.subject)]
+
+
+def instance_dirs(wildcards):
+    """The prepared photos of each subject of the character."""
+    return [
+        f"{R}/{wildcards.character}/instance/{i}"
+        for i in range(len(char(wildcards)["subjects"]))
+    ]
+
+
+def class_set(c, s):
+    """The shared store of class images for subject s of character c."""
     ci = c["class_images"]
     model = c["base_model"]
     model_id = (
@@ -60,7 +89,7 @@ def class_set(c):
         dpclass.set_dir(
             f"{R}/class",
             model_id,
-            ci["class_prompt"],
+            s["class_prompt"],
             ci["negative_prompt"],
             ci["sampler"],
             ci["steps"],
@@ -78,15 +107,21 @@ def class_source(c):
     )
 
 
-def class_manifest(wildcards):
+def class_manifests(wildcards):
+    """One class manifest per subject, in the order of instance_dirs."""
     c = char(wildcards)
     source = class_source(c)
     if source == "none":
         return []
     if source == "generate":
-        return f"{class_set(c)}/n{c['class_images']['num_class_images']}.json"
-    prepared = "instance" if source == "instance" else "class_photos"
-    return f"{R}/{c['name']}/{prepared}.class.json"
+        n = c["class_images"]["num_class_images"]
+        return [f"{class_set(c, s)}/n{n}.json" for s in c["subjects"]]
+    if source == "instance":
+        return [
+            f"{R}/{c['name']}/instance/{i}.class.json"
+            for i in range(len(c["subjects"]))
+        ]
+    return [f"{R}/{c['name']}/class_photos.class.json"] * len(c["subjects"])
 
 
 def _class_sets():
@@ -97,31 +132,32 @@ def _class_sets():
         if class_source(c) != "generate":
             continue
         wc = Namespace(character=c["name"])
-        sets[Path(class_set(c)).name] = {
-            "model": base_model(wc),
-            "args": shlex.join(
-                [
-                    "--model",
-                    base_model(wc),
-                    "--store",
-                    class_set(c),
-                    "--prompt",
-                    ci["class_prompt"],
-                    "--negative-prompt",
-                    ci["negative_prompt"],
-                    "--sampler",
-                    ci["sampler"],
-                    "--steps",
-                    str(ci["steps"]),
-                    "--guidance-scale",
-                    str(ci["guidance_scale"]),
-                    "--resolution",
-                    str(c["prepare"]["resolution"]),
-                ]
-                + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
-            ),
-            "batch_size": str(ci["batch_size"]),
-        }
+        for s in c["subjects"]:
+            sets[Path(class_set(c, s)).name] = {
+                "model": base_model(wc),
+                "args": shlex.join(
+                    [
+                        "--model",
+                        base_model(wc),
+                        "--store",
+                        class_set(c, s),
+                        "--prompt",
+                        s["class_prompt"],
+                        "--negative-prompt",
+                        ci["negative_prompt"],
+                        "--sampler",
+                        ci["sampler"],
+                        "--steps",
+                        str(ci["steps"]),
+                        "--guidance-scale",
+                        str(ci["guidance_scale"]),
+                        "--resolution",
+                        str(c["prepare"]["resolution"]),
+                    ]
+                    + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
+                ),
+                "batch_size": str(ci["batch_size"]),
+            }
     return sets
 
 

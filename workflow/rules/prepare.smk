@@ -1,5 +1,5 @@
-# Photos -> square training images: the character's photos (instance), and its own class photos
-# when class_images.class_data names a folder (class_photos), captioned with the class prompt.
+# Photos -> square training images: each subject's photos (instance/<i>), and the character's own
+# class photos when class_images.class_data names a folder (class_photos, with the class prompt).
 rule prepare:
     input:
         lambda wc: dpprepare.input_files(photo_dir(wc)),
@@ -17,7 +17,7 @@ rule prepare:
     benchmark:
         f"{R}/{{character}}/benchmarks/prepare-{{photos}}.tsv"
     wildcard_constraints:
-        photos="instance|class_photos",
+        photos=r"instance/\d+|class_photos",
     conda:
         "../../envs/dreampipe.yaml"
     threads: 4  # capped at --cores by Snakemake
@@ -28,11 +28,7 @@ rule prepare:
         background=lambda wc: char(wc)["prepare"]["background"],
         gravity=lambda wc: char(wc)["prepare"]["gravity"],
         on_bad_image=lambda wc: char(wc)["prepare"]["on_bad_image"],
-        caption=lambda wc: (
-            char(wc)["instance_prompt"]
-            if wc.photos == "instance"
-            else char(wc)["class_images"]["class_prompt"]
-        ),
+        caption=photo_caption,
     shell:
         "dreampipe prepare {params.photo_dir:q} {output:q} --resolution {params.resolution}"
         " --mode {params.mode} --background {params.background:q} --gravity {params.gravity}"

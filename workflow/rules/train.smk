@@ -1,10 +1,11 @@
 # Resumable state lives in results/<character>/.state, outside the declared outputs, because
-# Snakemake deletes a job's outputs before it runs and after it fails.
+# Snakemake deletes a job's outputs before it runs and after it fails. Each subject is given as
+# --instance-dir D [--class-manifest M].
 rule train:
     input:
         model=base_model,
-        instance=f"{R}/{{character}}/instance",
-        class_manifest=class_manifest,
+        instance=instance_dirs,
+        class_manifests=class_manifests,
     output:
         model=f"{R}/{{character}}/train/model.safetensors",
         loss=report(
@@ -27,12 +28,21 @@ rule train:
             dpconfig.train_settings(char(wc)), sort_keys=True
         ),
         tokenizer=tokenizer_arg,
-        class_arg=lambda wc, input: (
-            f"--class-manifest {input.class_manifest}" if input.class_manifest else ""
+        subjects=lambda wc, input: shlex.join(
+            [
+                arg
+                for i, d in enumerate(input.instance)
+                for arg in ["--instance-dir", d]
+                + (
+                    ["--class-manifest", input.class_manifests[i]]
+                    if input.class_manifests
+                    else []
+                )
+            ]
         ),
         state=lambda wc: f"{R}/{wc.character}/.state",
         workdir=lambda wc: f"{R}/{wc.character}/train",
     shell:
-        "dreampipe train --model {input.model:q} {params.tokenizer} --instance-dir {input.instance:q}"
-        " {params.class_arg} --settings {params.settings:q} --state {params.state:q}"
+        "dreampipe train --model {input.model:q} {params.tokenizer} {params.subjects}"
+        " --settings {params.settings:q} --state {params.state:q}"
         " --workdir {params.workdir:q} --out {output.model:q} --log {log}"

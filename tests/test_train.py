@@ -1,0 +1,358 @@
+"""Train: resumable to the bit, every option doing what it says, any image counts, tiny and fast."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dreampipe import checkpoint, config, prepare, sampling, train
+from dreampipe.errors import DreampipeError
+
+ROOT = Path(__file__).resolve().parent.parent
+UNET, TEXT, VAE = checkpoint.UNET_PREFIX, checkpoint.TEXT_PREFIX, checkpoint.VAE_PREFIX
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread in this process and in the training subprocesses: float reductions then run in
+    the same order in both, and the shared CPUs are not oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def instance(example_photos, tmp_path_factory):
+    """The example photos prepared at 64 px: 6 images, one with its own caption."""
+    out = tmp_path_factory.mktemp("instance") / "instance"
+    prepare.run(example_photos, out, 64, "pad", "white", "a photo of zxq robot")
+    return out
+
+
+@pytest.fixture(scope="module")
+def class_images(tmp_path_factory):
+    """Seven distinct class images; class_manifest(n) lists the first n."""
+    folder = tmp_path_factory.mktemp("class")
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def class_manifest(folder: Path, n: int, prompt: str = "a photo of a robot") -> Path:
+    path = folder / f"n{n}-{prompt.replace(' ', '-')}.json"
+    path.write_text(json.dumps({"prompt": prompt, "images": [str(folder / f"{i:05d}.png") for i in range(n)]}))
+    return path
+
+
+def instance_subset(prepared: Path, n: int, dst: Path) -> Path:
+    """A prepared folder holding the first n images of another."""
+    manifest = json.loads((prepared / "manifest.json").read_text())[:n]
+    dst.mkdir(parents=True)
+    for m in manifest:
+        shutil.copy(prepared / m["file"], dst / m["file"])
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def settings(**overrides) -> dict:
+    return {**config.defaults()["train"], "resolution": 64, "max_steps": 4, "learning_rate": 1e-4,
+            "sample_every_n_steps": 0, "sample_steps": 2, "sample_prompts": ["a photo of zxq robot"],
+            "sample_seeds": [0], "save_state_every_n_steps": 2, **overrides}
+
+
+def run(tiny_model, subjects, folder: Path, **overrides) -> dict:
+    """Train in this process; the trained weights by LDM key."""
+    model, tokenizer = tiny_model
+    out = train.run(model, tokenizer, subjects, settings(**overrides), folder / ".state", folder / "train",
+                    folder / "model.safetensors")
+    return load_file(out)
+
+
+def part(weights: dict, prefix: str) -> dict:
+    return {k: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+def identical(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- resume ------------------------------------------------------------------------------------
+
+def train_command(tiny_model, subjects, folder: Path, s: dict) -> list[str]:
+    model, tokenizer = tiny_model
+    args = [sys.executable, "-m", "dreampipe.cli", "train", "--model", str(model), "--tokenizer", str(tokenizer),
+            "--settings", json.dumps(s), "--state", str(folder / ".state"), "--workdir", str(folder / "train"),
+            "--out", str(folder / "model.safetensors")]
+    for instance_dir, manifest in subjects:
+        args += ["--instance-dir", str(instance_dir)] + (["--class-manifest", str(manifest)] if manifest else [])
+    return args
+
+
+def start(cmd) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "workflow")}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc, timeout=300):
+    end = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"training ended before the test could interrupt it:\n{proc.communicate()[1][-3000:]}"
+        assert time.time() < end, "timed out"
+        time.sleep(0.02)
+
+
+# Everything that carries state across steps is on: class images, EMA, a text encoder that stops
+# training midway, flips, offset noise, accumulation, a warm-up schedule.
+RESUME_SETTINGS = dict(max_steps=8, save_state_every_n_steps=2, ema=True, train_text_encoder=True,
+                       text_encoder_steps=5, random_flip=True, offset_noise=0.1, gradient_accumulation_steps=2,
+                       lr_scheduler="linear", lr_warmup_steps=3)
+
+
+def test_killed_training_resumes_to_bit_identical_weights(tiny_model, instance, class_images, tmp_path):
+    subjects = [(instance, class_manifest(class_images, 3))]
+    whole = run(tiny_model, subjects, tmp_path / "whole", **RESUME_SETTINGS)
+
+    folder = tmp_path / "killed"
+    cmd = train_command(tiny_model, subjects, folder, settings(**RESUME_SETTINGS))
+    proc = start(cmd)
+    wait_for(lambda: (folder / ".state" / train.STATE_FILE).exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (folder / "model.safetensors").exists()
+
+    resumed = start(cmd)
+    _, err = resumed.communicate()
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming from" in err
+    assert identical(load_file(folder / "model.safetensors"), whole)
+    steps = [int(r.split(",")[0]) for r in (folder / "train" / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 9)), "the loss log has every step once"
+    assert not (folder / ".state").exists(), "state is removed once the model is written"
+
+
+def test_sigterm_saves_state_and_exits_with_a_clear_message(tiny_model, instance, tmp_path):
+    proc = start(train_command(tiny_model, [(instance, None)], tmp_path,
+                               settings(max_steps=10, save_state_every_n_steps=0)))
+    csv = tmp_path / "train" / "loss.csv"
+    wait_for(lambda: csv.exists() and len(csv.read_text().splitlines()) > 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "training stopped by SIGTERM at step" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    assert (tmp_path / ".state" / train.STATE_FILE).exists()
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_changed_training_value_starts_fresh_and_unchanged_resumes(tiny_model, instance, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="dreampipe.train")
+    subjects = [(instance, None)]
+    first = run(tiny_model, subjects, tmp_path, keep_state=True)  # keeps the state of step 2
+
+    caplog.clear()
+    assert identical(run(tiny_model, subjects, tmp_path, keep_state=True), first)
+    assert "resuming from" in caplog.text
+
+    caplog.clear()
+    run(tiny_model, subjects, tmp_path, keep_state=True, sample_prompts=["a photo of a robot"])
+    assert "resuming from" in caplog.text, "a sampling prompt does not shape the weights"
+
+    caplog.clear()
+    run(tiny_model, subjects, tmp_path, keep_state=True, learning_rate=2e-4)
+    assert "starting fresh" in caplog.text and "resuming" not in caplog.text
+
+
+# ---- options -----------------------------------------------------------------------------------
+
+def distance(a: dict, b: dict, prefix: str = UNET) -> float:
+    return float(sum((a[k] - b[k]).float().norm() ** 2 for k in a if k.startswith(prefix))) ** 0.5
+
+
+def losses(folder: Path, column: int = 2) -> list[float]:
+    return [float(r.split(",")[column]) for r in (folder / "train" / "loss.csv").read_text().splitlines()[1:]]
+
+
+def test_prior_loss_weight_zero_equals_no_class_data(tiny_model, instance, class_images, tmp_path):
+    with_class = [(instance, class_manifest(class_images, 3))]
+    zero = run(tiny_model, with_class, tmp_path / "zero", prior_loss_weight=0.0)
+    none = run(tiny_model, [(instance, None)], tmp_path / "none")
+    one = run(tiny_model, with_class, tmp_path / "one", prior_loss_weight=1.0)
+    base = load_file(tiny_model[0])
+    # the instance items draw the same latents, noise and timesteps with or without class items
+    assert losses(tmp_path / "zero")[0] == pytest.approx(losses(tmp_path / "none")[0], abs=1e-6)
+    # Tolerance: the class items only change the batch the UNet computes in, which moves float
+    # sums in the last bits; Adam turns that noise into full-size steps for the few weights whose
+    # gradient is ~0 (biases feeding a GroupNorm), so the weights agree to 25% of the distance
+    # they travelled, where a prior loss that counts moves them by about that whole distance.
+    travelled = distance(none, base)
+    assert distance(zero, none) < 0.25 * travelled
+    assert distance(one, none) > 0.5 * travelled
+
+
+def test_text_encoder_changes_only_when_trained_and_until_its_stop_step(tiny_model, instance, tmp_path):
+    subjects, base = [(instance, None)], load_file(tiny_model[0])
+    frozen = run(tiny_model, subjects, tmp_path / "frozen")
+    trained = run(tiny_model, subjects, tmp_path / "trained", train_text_encoder=True)
+    stopped = run(tiny_model, subjects, tmp_path / "stopped", train_text_encoder=True, text_encoder_steps=2)
+    two_steps = run(tiny_model, subjects, tmp_path / "two", train_text_encoder=True, max_steps=2)
+    assert identical(part(frozen, TEXT), part(base, TEXT))
+    assert not identical(part(trained, TEXT), part(base, TEXT))
+    assert identical(part(stopped, TEXT), part(two_steps, TEXT))
+    assert not identical(part(stopped, TEXT), part(trained, TEXT))
+    assert all(identical(part(w, VAE), part(base, VAE)) for w in (frozen, trained, stopped))
+
+
+def test_ema_gives_the_model_averaged_weights(tiny_model, instance, tmp_path):
+    subjects, base = [(instance, None)], load_file(tiny_model[0])
+    raw = run(tiny_model, subjects, tmp_path / "raw", max_steps=6)
+    ema = run(tiny_model, subjects, tmp_path / "ema", max_steps=6, ema=True, ema_decay=0.9)
+    assert not identical(part(ema, UNET), part(raw, UNET))
+    assert identical(part(ema, TEXT), part(raw, TEXT))
+    # an average over the path from the base weights lies behind the last point of the path
+    moved = {k: (raw[k] - base[k]).norm() for k in part(raw, UNET)}
+    assert sum((ema[k] - base[k]).norm() for k in moved) < sum(moved.values())
+
+
+def test_progressive_checkpoints_are_fp16_inference_files_and_only_the_last_are_kept(tiny_model, instance, tmp_path):
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=7, save_every_n_steps=2, keep_last=2)
+    files = sorted((tmp_path / "train" / "checkpoints").iterdir())
+    assert [f.name for f in files] == ["step-00004.safetensors", "step-00006.safetensors"]
+    weights = load_file(files[-1])
+    assert all(v.dtype == torch.float16 for k, v in weights.items() if v.is_floating_point())
+    model = checkpoint.load(files[-1], tokenizer=tiny_model[1])
+    [image] = sampling.generate(model, ["a photo of zxq robot"], [0], resolution=64, steps=2)
+    assert image.size == (64, 64)
+
+
+def test_scale_lr_multiplies_by_the_global_batch_and_the_image_count():
+    s = settings(batch_size=2, gradient_accumulation_steps=3)
+    assert train.lr_factor({**s, "scale_lr": "none"}, world_size=2, instance_images=5) == 1
+    assert train.lr_factor({**s, "scale_lr": "batch"}, world_size=2, instance_images=5) == 12
+    assert train.lr_factor({**s, "scale_lr": "batch_and_images"}, world_size=2, instance_images=5) == 60
+
+
+def test_adamw8bit_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    params = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-3}]
+    with pytest.raises(DreampipeError, match="pip install bitsandbytes.*or set train.optimizer: adamw"):
+        train.make_optimizer(params, settings(optimizer="adamw8bit"), torch.device("cpu"))
+
+
+# ---- data order --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_instance, n_class", [(5, 3), (1, 7), (3, 0)])
+def test_odd_prime_and_mismatched_counts_train_exactly_max_steps(tiny_model, instance, class_images, tmp_path,
+                                                                n_instance, n_class):
+    subset = instance_subset(instance, n_instance, tmp_path / "instance")
+    manifest = class_manifest(class_images, n_class) if n_class else None
+    run(tiny_model, [(subset, manifest)], tmp_path, max_steps=7, batch_size=2, gradient_accumulation_steps=2)
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "train" / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == list(range(1, 8))
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["dreampipe.steps"] == "7"
+
+
+def test_each_image_is_used_equally_often_whatever_the_counts():
+    data = train.StepIndices(settings(batch_size=3), [5], [7], start=0, total=35)
+    batches = list(data)
+    instance = torch.cat([b["instance"] for b in batches]).tolist()
+    classes = torch.cat([b["class"] for b in batches]).tolist()
+    assert sorted(instance) == sorted(list(range(5)) * 21)
+    assert sorted(classes) == sorted(list(range(7)) * 15)
+    assert instance[:5] != instance[5:10], "each pass is shuffled anew"
+
+
+def test_subjects_take_turns_with_their_own_images():
+    data = train.StepIndices(settings(batch_size=2), [3, 2], [4, 5], start=0, total=6)
+    items = [(i, c) for b in data for i, c in zip(b["instance"].tolist(), b["class"].tolist())]
+    assert all(i < 3 and c < 4 for i, c in items[0::2]), "even positions: subject 0"
+    assert all(3 <= i < 5 and 4 <= c < 9 for i, c in items[1::2]), "odd positions: subject 1"
+
+
+def test_ranks_split_the_global_batch_of_a_single_process():
+    one = list(train.StepIndices(settings(batch_size=4), [6], [7], start=0, total=5))
+    ranks = [list(train.StepIndices(settings(batch_size=2), [6], [7], start=0, total=5, rank=r, world_size=2))
+             for r in range(2)]
+    for k, batch in enumerate(one):
+        for key in ("position", "instance", "class"):
+            assert torch.equal(torch.cat([ranks[0][k][key], ranks[1][k][key]]), batch[key])
+
+
+def test_resumed_data_order_continues_where_it_stopped():
+    whole = list(train.StepIndices(settings(batch_size=2), [5], [3], start=0, total=9))
+    tail = list(train.StepIndices(settings(batch_size=2), [5], [3], start=4, total=9))
+    for a, b in zip(whole[4:], tail, strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in ("position", "instance", "class"))
+
+
+# ---- learning ----------------------------------------------------------------------------------
+
+def fixed_batch_loss(model_path, tokenizer, prepared: Path) -> float:
+    """Noise-prediction loss on every instance image at fixed noise and timesteps."""
+    model = checkpoint.load(model_path, tokenizer=tokenizer)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    pixels = sampling.from_pil([Image.open(prepared / m["file"]) for m in manifest])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        timesteps = torch.linspace(100, 900, len(latents)).long()
+        from diffusers import DDPMScheduler
+
+        noisy = DDPMScheduler.from_config(model.architecture["scheduler"]).add_noise(latents, noise, timesteps)
+        context = sampling.encode_prompts(model, [m["caption"] for m in manifest])
+        return float(torch.nn.functional.mse_loss(model.unet(noisy, timesteps, context).sample, noise))
+
+
+def test_loss_on_a_fixed_batch_decreases(tiny_model, instance, tmp_path):
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=10, learning_rate=1e-3)
+    before = fixed_batch_loss(tiny_model[0], tiny_model[1], instance)
+    after = fixed_batch_loss(tmp_path / "model.safetensors", tiny_model[1], instance)
+    assert after < 0.8 * before
+
+
+def test_two_subjects_train_into_one_model(tiny_model, instance, class_images, tmp_path):
+    second = instance_subset(instance, 3, tmp_path / "second")
+    for m in (manifest := json.loads((second / "manifest.json").read_text())):
+        m["caption"] = "a photo of sks dog"
+    (second / "manifest.json").write_text(json.dumps(manifest))
+    subjects = [(instance, class_manifest(class_images, 3)), (second, class_manifest(class_images, 2, "a photo of a dog"))]
+    run(tiny_model, subjects, tmp_path, max_steps=3)
+    steps = [int(r.split(",")[0]) for r in (tmp_path / "train" / "loss.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3]
+
+
+def test_a_character_with_subjects_prepares_each_and_makes_a_class_set_per_class(workflow):
+    (workflow.path / "config" / "characters" / "duo.yaml").write_text(yaml.safe_dump({"subjects": [
+        {"instance_dir": "example/photos", "token": "zxq", "class_word": "robot"},
+        {"instance_dir": "example/photos", "token": "sks", "class_word": "dog"}]}))
+    _, chars = config.load({}, workflow.path)
+    duo = chars["duo"]
+    assert [s["instance_prompt"] for s in duo["subjects"]] == ["a photo of zxq robot", "a photo of sks dog"]
+    assert [s["class_prompt"] for s in duo["subjects"]] == ["a photo of a robot", "a photo of a dog"]
+    assert "a photo of zxq robot" in duo["sample"]["prompts"] and "a photo of sks dog" in duo["sample"]["prompts"]
+    planned = workflow.planned()
+    assert planned.count(("prepare", "duo")) == 2
+    assert planned.count(("class_images", "")) == 2
+
+
+def test_a_character_with_subjects_and_a_top_level_token_is_refused(workflow):
+    workflow.character("duo", subjects=[{"instance_dir": "example/photos", "token": "sks", "class_word": "dog"}])
+    with pytest.raises(DreampipeError, match=r"duo.yaml: instance_dir, token, class_word given beside subjects"):
+        config.load({}, workflow.path)
