@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 
 def save_atomic(image: Image.Image, path: Path) -> None:
@@ -27,8 +27,7 @@ def grid(images: list[Image.Image], labels: list[str] | None = None, columns: in
     draw = ImageDraw.Draw(sheet)
     for i, im in enumerate(images):
         x, y = (i % columns) * cell, (i // columns) * (cell + label_h)
-        thumb = im.convert("RGB").copy()
-        thumb.thumbnail((cell, cell))
+        thumb = ImageOps.contain(im.convert("RGB"), (cell, cell))  # small images are scaled up too
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
         if labels:
             draw.text((x + 2, y + cell + 1), labels[i][: cell // 6], fill="black")
