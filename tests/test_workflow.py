@@ -30,7 +30,8 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
     shown = set(report_check.report_items(report))
     for name in ("alice", "bob"):
         assert {f"results/{name}/instance/0/contact_sheet.png", f"results/{name}/train/loss.png",
-                f"results/{name}/samples/final.png", f"results/{name}/settings.yaml"} <= shown
+                f"results/{name}/samples/final.png", f"results/{name}/settings.yaml",
+                f"results/{name}/train/samples.png"} <= shown
     assert any(p.startswith("results/class/") for p in shown)
     assert report_check.check_files(report, workflow.path) == []
 

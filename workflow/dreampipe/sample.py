@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
-
 from . import checkpoint, sampling
-from .images import grid, save_atomic
+from .images import grid, save_atomic, stack
 
 
 def model_grid(model_path, tokenizer, prompts, seeds, resolution, steps, guidance_scale, title):
@@ -16,7 +14,8 @@ def model_grid(model_path, tokenizer, prompts, seeds, resolution, steps, guidanc
     ps = [p for p in prompts for _ in seeds]
     ss = [s for _ in prompts for s in seeds]
     images = sampling.generate(model, ps, ss, resolution=resolution, steps=steps, guidance_scale=guidance_scale)
-    return grid(images, [f"{title}: {p} #{s}" for p, s in zip(ps, ss)], columns=len(seeds))
+    return grid(images, [f"seed {s}" for s in ss], columns=len(seeds),
+                row_titles=[f"{title}: {p}" for p in prompts])
 
 
 def run(model_path, out: Path, prompts: list[str], seeds: list[int], resolution: int, steps: int = 50,
@@ -24,10 +23,5 @@ def run(model_path, out: Path, prompts: list[str], seeds: list[int], resolution:
     sheets = [model_grid(model_path, tokenizer, prompts, seeds, resolution, steps, guidance_scale, "after")]
     if base_model:
         sheets.insert(0, model_grid(base_model, tokenizer, prompts, seeds, resolution, steps, guidance_scale, "before"))
-    sheet = Image.new("RGB", (sheets[0].width, sum(s.height for s in sheets) + 8 * (len(sheets) - 1)), "gray")
-    y = 0
-    for s in sheets:
-        sheet.paste(s, (0, y))
-        y += s.height + 8
-    save_atomic(sheet, out)
+    save_atomic(stack(sheets), out)
     return Path(out)

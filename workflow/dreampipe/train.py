@@ -21,11 +21,12 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import checkpoint, sampling
 from .errors import DreampipeError
-from .images import grid, save_atomic
+from .images import grid, save_atomic, stack
 
 log = logging.getLogger("dreampipe.train")
 STATE_FILE = "last.ckpt"
@@ -85,8 +86,6 @@ class DreamBoothData(pl.LightningDataModule):
 
     def __init__(self, subjects: list[tuple[Path, Path | None]], settings: dict):
         super().__init__()
-        from PIL import Image
-
         self.settings = settings
         instance, classes, self.instance_counts, self.class_counts = [], [], [], []
         self.instance_captions, self.class_captions = [], []
@@ -389,8 +388,13 @@ class SampleGrid(pl.Callback):
         images = sampling.generate(module.sd, prompts, seeds, resolution=self.s["resolution"],
                                    steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"])
         module.unet.train()
-        labels = [f"{p} #{s}" for p, s in zip(prompts, seeds)]
-        save_atomic(grid(images, labels, columns=len(self.s["sample_seeds"])), self.dir / f"step-{step:05d}.png")
+        sheet = grid(images, [f"seed {s}" for s in seeds], columns=len(self.s["sample_seeds"]),
+                     row_titles=[f"step {step}: {p}" for p in self.s["sample_prompts"]])
+        save_atomic(sheet, self.dir / f"step-{step:05d}.png")
+
+    def over_steps(self, out: Path) -> None:
+        """Every step's grid in one picture, earliest on top, for the report."""
+        save_atomic(stack([Image.open(p) for p in sorted(self.dir.glob("step-*.png"))]), out)
 
 
 class SaveCheckpoints(pl.Callback):
@@ -516,6 +520,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     if module.ema:
         module.ema.copy_to(module.unet.parameters())  # the model gets the EMA weights
     sampler.write(module, trainer.global_step)
+    sampler.over_steps(workdir / "samples.png")
     plot_loss(workdir / "loss.csv", workdir / "loss.png")
     model.to("cpu", torch.float32)
     checkpoint.save(model, out, dtype="fp32", metadata={"dreampipe.steps": trainer.global_step})

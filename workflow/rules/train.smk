@@ -15,6 +15,13 @@ rule train:
             subcategory="3 training",
             labels={"figure": "loss"},
         ),
+        samples=report(
+            f"{R}/{{character}}/train/samples.png",
+            caption="../report/train_samples.rst",
+            category="{character}",
+            subcategory="2 training samples",
+            labels={"figure": "samples over steps"},
+        ),
     log:
         f"{R}/{{character}}/logs/train.log",
     benchmark:
