@@ -11,7 +11,6 @@ from dreampipe import prepare as dpprepare
 
 wildcard_constraints:
     character="|".join(CHARACTERS) or "NONE",
-    subject=r"\d+",
 
 
 TINY_MODEL = f"{R}/base/tiny-sd.safetensors"
@@ -62,10 +61,6 @@ def tokenizer(wildcards):
 def tokenizer_arg(wildcards):
     t = tokenizer(wildcards)
     return f"--tokenizer {t}" if t else ""
-
-
-def subject(wildcards):
-    return char(wildcards)["subjects"][int(wildcards.subject)]
 
 
 def instance_dirs(wildcards):
