@@ -16,8 +16,10 @@ rule export:
         tokenizer=tokenizer_arg,
         settings=lambda wc: json.dumps(
             {
-                "token": char(wc)["token"],
-                "class_word": char(wc)["class_word"],
+                "subjects": [
+                    {k: s[k] for k in ("token", "class_word", "instance_prompt")}
+                    for s in char(wc)["subjects"]
+                ],
                 **dpconfig.train_settings(char(wc)),
             }
         ),
