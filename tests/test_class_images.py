@@ -134,7 +134,7 @@ def test_class_data_is_a_keyword_or_a_folder_else_the_error_names_the_character_
 def test_any_class_and_instance_counts_train_for_exactly_max_steps(n_instance, n_class, batch_size, accumulation):
     settings = {"batch_size": batch_size, "seed": 0, "random_flip": False}
     max_steps = 11
-    batches = list(train.StepIndices(settings, n_instance, n_class, 0, max_steps * accumulation))
+    batches = list(train.StepIndices(settings, [n_instance], [n_class], 0, max_steps * accumulation))
     assert len(batches) == max_steps * accumulation
     classes = [int(i) for b in batches for i in b["class"]]
     assert len(classes) == max_steps * accumulation * batch_size
