@@ -14,7 +14,7 @@ demo: venv
 	source $(BIN)/activate && snakemake --cores 1 --resources gpu=1
 
 test: venv
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,slurm]'
 	source $(BIN)/activate && pytest -q
 
 # ImageMagick's MagickWand for wand, and venv support, from Debian when missing.
