@@ -22,6 +22,12 @@ except DreampipeError as e:
 R = CFG["results"]
 
 
+# Seconds of work each: on a cluster they run in the main Snakemake process, not as jobs.
+localrules:
+    settings,
+    tiny_model,
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/base_model.smk"
 include: "workflow/rules/prepare.smk"
