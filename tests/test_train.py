@@ -356,3 +356,33 @@ def test_a_character_with_subjects_and_a_top_level_token_is_refused(workflow):
     workflow.character("duo", subjects=[{"instance_dir": "example/photos", "token": "sks", "class_word": "dog"}])
     with pytest.raises(DreampipeError, match=r"duo.yaml: instance_dir, token, class_word given beside subjects"):
         config.load({}, workflow.path)
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch_and_resumes(
+        tiny_model, instance, tmp_path):
+    """Two gloo processes of batch 1 after a SIGKILL and a resume land close to one process of
+    batch 2: within 30% of the distance training moved the weights (measured: under 10%), while
+    one process of batch 1, the wrong global batch, lands about as far away as training moved."""
+    subjects = [(instance, None)]
+    base = load_file(tiny_model[0])
+    single = run(tiny_model, subjects, tmp_path / "single", max_steps=3, batch_size=2)
+    wrong_batch = run(tiny_model, subjects, tmp_path / "wrong", max_steps=3, batch_size=1)
+
+    folder = tmp_path / "ddp"
+    cmd = train_command(tiny_model, subjects, folder,
+                        settings(max_steps=3, batch_size=1, devices=2, save_state_every_n_steps=1))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "workflow")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # DDP starts a second process: kill the group
+    wait_for(lambda: (folder / ".state" / train.STATE_FILE).exists(), proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (folder / "model.safetensors").exists()
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    ddp = load_file(folder / "model.safetensors")
+    moved = distance(single, base)
+    assert distance(ddp, single) < 0.3 * moved
+    assert distance(wrong_batch, single) > 0.5 * moved
