@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import checkpoint, sampling
+from . import checkpoint, sampling, speed
 from .errors import DreampipeError
 from .images import grid, save_atomic
 
@@ -161,12 +161,12 @@ class DreamBooth(pl.LightningModule):
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
+        speed.prepare_training(self.sd, self.s, self.device)
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": self.s["learning_rate"]}]
         if self.s["train_text_encoder"]:
             groups.append({"params": list(self.text_encoder.parameters()),
                            "lr": self.s["text_encoder_learning_rate"] or self.s["learning_rate"]})
-        fused = self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, weight_decay=self.s["adam_weight_decay"], fused=fused)
+        optimizer = speed.optimizer(groups, self.s, self.device)
         scheduler = get_scheduler(self.s["lr_scheduler"], optimizer, num_warmup_steps=self.s["lr_warmup_steps"],
                                   num_training_steps=self.s["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -250,8 +250,9 @@ class SampleGrid(pl.Callback):
         prompts = [p for p in self.s["sample_prompts"] for _ in self.s["sample_seeds"]]
         seeds = [s for _ in self.s["sample_prompts"] for s in self.s["sample_seeds"]]
         module.unet.eval()
-        images = sampling.generate(module.sd, prompts, seeds, resolution=self.s["resolution"],
-                                   steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"])
+        with speed.eager():
+            images = sampling.generate(module.sd, prompts, seeds, resolution=self.s["resolution"],
+                                       steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"])
         module.unet.train()
         labels = [f"{p} #{s}" for p, s in zip(prompts, seeds)]
         save_atomic(grid(images, labels, columns=len(self.s["sample_seeds"])), self.dir / f"step-{step:05d}.png")
