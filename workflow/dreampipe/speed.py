@@ -156,7 +156,7 @@ class AdamWBF16(torch.optim.Optimizer):
         self._step = torch.zeros((), device=device)
         self._lrs = [torch.zeros((), device=device) for _ in self.param_groups]
         self._update = torch.compile(adamw_sr_, dynamic=True) if on_gpu(device) else adamw_sr_
-        self._flat, self._offset = [], {}
+        self._flat, self._offset, self._grads = [], {}, []
         offset = 0
         for i, group in enumerate(self.param_groups):
             n = sum(_slot(p) for p in group["params"])
@@ -171,6 +171,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 if not fused_backward:
                     view["param"].copy_(p.detach())
                     p.data, p.grad = view.pop("param"), view.pop("grad")
+                    self._grads.append((p, p.grad))
                 else:
                     p.register_post_accumulate_grad_hook(self._step_one(i))
                 self.state[p] = {"exp_avg": view["exp_avg"], "exp_avg_sq": view["exp_avg_sq"], "step": self._step}
@@ -202,16 +203,26 @@ class AdamWBF16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self.fused_backward:
+            self._collect_grads()
             for i, flat in enumerate(self._flat):
                 offset = self._offset[self.param_groups[i]["params"][0]]
                 self._update_slice(i, flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], offset)
         return loss
+
+    def _collect_grads(self):
+        """Gradients that someone replaced (e.g. set to None before backward) go back into the flat buffer."""
+        for p, view in self._grads:
+            if p.grad is not view:
+                view.copy_(p.grad) if p.grad is not None else view.zero_()
+                p.grad = view
 
     def zero_grad(self, set_to_none: bool = True):
         """Gradients stay views of the flat buffer (autograd accumulates into them in place)."""
         for flat in self._flat:
             if "grad" in flat:
                 flat["grad"].zero_()
+        for p, view in self._grads:
+            p.grad = view
 
     def load_state_dict(self, state_dict):
         views = {p: dict(st) for p, st in self.state.items()}
