@@ -21,7 +21,25 @@ from common import FLOP_IMG, random_sd1, save  # noqa: E402
 from dreampipe import sampling, speed  # noqa: E402
 
 
+def attention_backends() -> dict:
+    """ms per SDPA call at SD 1.x's 64x64 self-attention shape (CFG batch 32, 8 heads of 40)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    q, k, v = (torch.randn(32, 8, 4096, 40, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = {}
+    for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([b]):
+                out[b.name] = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), return_mode="median")
+        except RuntimeError as e:
+            out[b.name] = str(e).splitlines()[0]
+    return out
+
+
 def main(batch: int = 16, repeats: int = 2):
+    attention = attention_backends()
+    print("attention ms", attention, flush=True)
     model = random_sd1().to(dtype=torch.bfloat16)
     prompt = "a photo of a dog"
 
@@ -47,7 +65,7 @@ def main(batch: int = 16, repeats: int = 2):
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "compile_and_first_batch_s": compile_s,
         "vs_eager_mean_abs_diff_of_255": float(np.abs(a - b).mean()),
         "vs_eager_rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(a - 127.5)),
-        "eager_image_std_of_255": float(a.std())})
+        "eager_image_std_of_255": float(a.std()), "sdpa_ms_32x8x4096x40": attention})
 
 
 if __name__ == "__main__":

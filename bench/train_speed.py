@@ -23,7 +23,15 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from common import FLOP_STEP, random_sd1, save  # noqa: E402
 
-from dreampipe import config, speed, train  # noqa: E402
+from dreampipe import speed, train  # noqa: E402
+
+
+def train_defaults() -> dict:
+    """The schema's train defaults (read directly: the GPU image lacks jsonschema)."""
+    import yaml
+
+    schema = yaml.safe_load((Path(train.__file__).parent.parent / "schemas" / "config.schema.yaml").read_text())
+    return {k: v["default"] for k, v in schema["properties"]["train"]["properties"].items()}
 
 
 def fake_data(folder: Path, size: int = 512):
@@ -71,7 +79,7 @@ class Timer(pl.Callback):
 
 
 def measure(profile: str, warm: int, n: int):
-    settings = {**config.defaults()["train"], "resolution": 512, "max_steps": warm + n + 5,
+    settings = {**train_defaults(), "resolution": 512, "max_steps": warm + n + 5,
                 "sample_every_n_steps": 0, "save_state_every_n_steps": 0,
                 "low_memory": profile == "low_memory"}
     work = Path(tempfile.mkdtemp())

@@ -79,6 +79,8 @@ def prepare_sampling(model, device) -> None:
         return
     model.unet.to(memory_format=torch.channels_last)
     model.vae.to(memory_format=torch.channels_last)
+    model.unet.fuse_qkv_projections()  # one matmul for q, k, v of self-attention
+    torch._inductor.config.conv_1x1_as_mm = True
     compile_module(model.unet, "default")
 
 
