@@ -37,20 +37,25 @@ def compile_mode(settings: dict) -> str | None:
 
 
 def compile_module(module: torch.nn.Module, mode: str) -> None:
-    """Compile in place (state_dict keys unchanged); fall back to eager with a warning if the
-    compiler fails on the first call."""
-    compiled = torch.compile(module._call_impl, mode=mode)
+    """Compile in place (state_dict keys unchanged), eager if the compiler fails."""
+    module._compiled_call_impl = compiled_or_eager(module._call_impl, mode=mode)
+
+
+def compiled_or_eager(fn, **options):
+    """torch.compile(fn), falling back to fn with a warning if the compiler fails on a call."""
+    compiled = torch.compile(fn, **options)
+    name = type(fn.__self__).__name__ if hasattr(fn, "__self__") else fn.__name__
 
     def call(*args, **kwargs):
+        nonlocal compiled
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as e:
-            warnings.warn(f"torch.compile of {type(module).__name__} failed, running it eagerly: "
-                          f"{str(e).splitlines()[0]}")
-            module._compiled_call_impl = None
-            return module._call_impl(*args, **kwargs)
+            warnings.warn(f"torch.compile of {name} failed, running it eagerly: {str(e).splitlines()[0]}")
+            compiled = fn
+            return fn(*args, **kwargs)
 
-    module._compiled_call_impl = call
+    return call
 
 
 def eager():
@@ -110,7 +115,7 @@ def _hash(x: torch.Tensor) -> torch.Tensor:
 def round_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16, rounding away from zero with probability equal to the dropped fraction of an
     ulp (bits: uniform in [0, 65535]), so the rounding error is zero on average."""
-    return ((x.view(torch.int32) + bits) & -65536).view(torch.float32).to(torch.bfloat16)
+    return ((x.float().view(torch.int32) + bits) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
 def adamw_sr_(p, g, m, v, lr, step, seed: int, offset: int, beta1: float, beta2: float, eps: float,
@@ -157,7 +162,7 @@ class AdamWBF16(torch.optim.Optimizer):
         self.seed, self.fused_backward = seed, fused_backward
         self._step = torch.zeros((), device=device)
         self._lrs = [torch.zeros((), device=device) for _ in self.param_groups]
-        self._update = torch.compile(adamw_sr_, dynamic=True) if on_gpu(device) else adamw_sr_
+        self._update = compiled_or_eager(adamw_sr_) if on_gpu(device) else adamw_sr_
         self._flat, self._offset, self._grads = [], {}, []
         offset = 0
         for i, group in enumerate(self.param_groups):
