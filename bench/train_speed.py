@@ -110,7 +110,7 @@ def measure(profile: str, warm: int, n: int):
         "last_loss": float(trainer.callback_metrics["loss"])})
 
 
-def curve(steps: int = 200, lr: float = 1e-5):
+def curve(steps: int = 150, lr: float = 1e-5):
     """The same data, noise and timesteps for each: recipe A's numerics (fp32 weights, bf16
     autocast, AdamW), ours (bf16 weights, AdamWBF16) and plain bf16 AdamW (round to nearest)."""
     from diffusers import DDPMScheduler
