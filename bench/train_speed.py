@@ -170,4 +170,4 @@ if __name__ == "__main__":
     if which == "curve":
         curve()
     else:
-        measure(which, warm=15, n=100 if which == "default" else 30)
+        measure(which, warm=10, n=50 if which == "default" else 20)

@@ -118,10 +118,11 @@ def round_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return ((x.float().view(torch.int32) + bits) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def adamw_sr_(p, g, m, v, lr, step, seed: int, offset: int, beta1: float, beta2: float, eps: float,
+def adamw_sr_(p, g, m, v, lr, step, seed: int, offset, beta1: float, beta2: float, eps: float,
               weight_decay: float) -> None:
     """One AdamW step (torch's formula) in place on flat bf16 weights p and moments m, v, from
-    gradient g. lr and step are 0-d float tensors. The random bits of element i depend only on
+    gradient g. lr and step are 0-d float tensors, offset a 0-d int32 tensor (a Python int would
+    be folded into int32 index arithmetic by the compiler, which overflows). The random bits of element i depend only on
     (seed, step, offset + i), so a resumed or differently fused run makes the same draws."""
     g = g.float()
     m32 = m.float() * beta1 + g * (1 - beta1)
@@ -182,7 +183,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 else:
                     p.register_post_accumulate_grad_hook(self._step_one(i))
                 self.state[p] = {"exp_avg": view["exp_avg"], "exp_avg_sq": view["exp_avg_sq"], "step": self._step}
-                self._offset[p] = offset + at
+                self._offset[p] = torch.tensor(offset + at, dtype=torch.int32, device=device)
                 at += _slot(p)
             self._flat.append(flat)
             offset += n
