@@ -115,12 +115,13 @@ def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampl
     import torch
     from tqdm import tqdm
 
-    from . import checkpoint, sampling
+    from . import checkpoint, sampling, speed
     from .images import save_atomic
 
     device = sampling.pick_device()
     model = checkpoint.load(model_path, tokenizer=tokenizer)
     model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    speed.prepare_sampling(model, device)
     if batch_size == "auto":
         batch_size = 16 if device.type == "cuda" else 4
     with tqdm(total=len(todo), unit="img", desc="class images") as bar:

@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import checkpoint, sampling
+from . import checkpoint, sampling, speed
 from .errors import DreampipeError
 from .images import grid, save_atomic, stack
 
@@ -221,6 +221,7 @@ class DreamBooth(pl.LightningModule):
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
+        speed.prepare_training(self.sd, self.s, self.device)
         factor = lr_factor(self.s, self.trainer.world_size, len(self.trainer.datamodule.instance_captions))
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
                    "lr": self.s["learning_rate"] * factor}]
@@ -284,7 +285,7 @@ def make_optimizer(groups: list[dict], settings: dict, device: torch.device) -> 
             raise DreampipeError("train.optimizer is adamw8bit but bitsandbytes is not installed: "
                                  "pip install bitsandbytes (on a CUDA machine), or set train.optimizer: adamw") from None
         return bitsandbytes.optim.AdamW8bit(groups, weight_decay=settings["adam_weight_decay"])
-    return torch.optim.AdamW(groups, weight_decay=settings["adam_weight_decay"], fused=device.type == "cuda")
+    return speed.optimizer(groups, settings, device)
 
 
 def at_step_end(trainer, batch_idx: int) -> bool:
@@ -385,8 +386,9 @@ class SampleGrid(pl.Callback):
         prompts = [p for p in self.s["sample_prompts"] for _ in self.s["sample_seeds"]]
         seeds = [s for _ in self.s["sample_prompts"] for s in self.s["sample_seeds"]]
         module.unet.eval()
-        images = sampling.generate(module.sd, prompts, seeds, resolution=self.s["resolution"],
-                                   steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"])
+        with speed.eager():
+            images = sampling.generate(module.sd, prompts, seeds, resolution=self.s["resolution"],
+                                       steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"])
         module.unet.train()
         sheet = grid(images, [f"seed {s}" for s in seeds], columns=len(self.s["sample_seeds"]),
                      row_titles=[f"step {step}: {p}" for p in self.s["sample_prompts"]])

@@ -1,0 +1,243 @@
+"""The GPU fast path of training and sampling. On the CPU nothing here changes anything.
+
+Training on a GPU (precision auto or bf16-mixed): the networks hold bf16 weights and AdamWBF16
+keeps them faithful (fp32 arithmetic, stochastic rounding, so that updates far below a bf16 ulp
+still add up); the UNet is channels-last and compiled (CUDA graphs by default: the eager step is
+launch-bound). The low-memory profile adds gradient checkpointing and runs each weight's optimizer
+step inside the backward pass, so gradients are never all held at once.
+Sampling on a GPU: bf16, channels-last, the UNet compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import torch
+
+log = logging.getLogger("dreampipe.speed")
+
+
+def on_gpu(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def bf16_weights(settings: dict, device) -> bool:
+    return on_gpu(device) and settings["precision"] in ("auto", "bf16-mixed")
+
+
+def compile_mode(settings: dict) -> str | None:
+    """`train.compile`: auto = CUDA graphs, except in the low-memory profile (whose per-weight
+    optimizer steps need the eager backward); false = eager; else a torch.compile mode."""
+    mode = settings.get("compile", "auto")
+    if mode in ("auto", True):
+        return None if settings.get("low_memory") else "reduce-overhead"
+    return None if mode is False else mode
+
+
+def compile_module(module: torch.nn.Module, mode: str) -> None:
+    """Compile in place (state_dict keys unchanged), eager if the compiler fails."""
+    module._compiled_call_impl = compiled_or_eager(module._call_impl, mode=mode)
+
+
+def compiled_or_eager(fn, **options):
+    """torch.compile(fn), falling back to fn with a warning if the compiler fails on a call."""
+    compiled = torch.compile(fn, **options)
+    name = type(fn.__self__).__name__ if hasattr(fn, "__self__") else fn.__name__
+
+    def call(*args, **kwargs):
+        nonlocal compiled
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            warnings.warn(f"torch.compile of {name} failed, running it eagerly: {str(e).splitlines()[0]}")
+            compiled = fn
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def eager():
+    """Run compiled modules eagerly inside this context (e.g. sample grids during training,
+    whose shapes would otherwise compile a second graph)."""
+    return torch.compiler.set_stance("force_eager")
+
+
+def prepare_training(model, settings: dict, device) -> None:
+    """Ready a StableDiffusion model, already on `device`, for training."""
+    if not on_gpu(device):
+        return
+    if bf16_weights(settings, device):
+        model.to(dtype=torch.bfloat16)
+    model.unet.to(memory_format=torch.channels_last)
+    if settings.get("low_memory"):
+        model.unet.enable_gradient_checkpointing()
+    mode = compile_mode(settings)
+    if mode:
+        compile_module(model.unet, mode)
+
+
+def prepare_sampling(model, device) -> None:
+    """Ready a StableDiffusion model, already on `device` in its sampling dtype, for sampling."""
+    if not on_gpu(device):
+        return
+    model.unet.to(memory_format=torch.channels_last)
+    model.vae.to(memory_format=torch.channels_last)
+    model.unet.fuse_qkv_projections()  # one matmul for q, k, v of self-attention
+    torch._inductor.config.conv_1x1_as_mm = True
+    compile_module(model.unet, "default")
+
+
+def optimizer(groups: list[dict], settings: dict, device) -> torch.optim.Optimizer:
+    """AdamW for the trained parameter groups: AdamWBF16 for bf16 weights, else torch's (fused on GPU)."""
+    if not bf16_weights(settings, device):
+        return torch.optim.AdamW(groups, weight_decay=settings["adam_weight_decay"], fused=on_gpu(device))
+    fused_backward = bool(settings.get("low_memory")) and settings["gradient_accumulation_steps"] == 1
+    if fused_backward and settings["max_grad_norm"]:
+        log.warning("low_memory: gradients are applied one weight at a time, so max_grad_norm "
+                    "(a norm over all of them) is not applied")
+    return AdamWBF16(groups, weight_decay=settings["adam_weight_decay"], seed=settings["seed"],
+                     fused_backward=fused_backward)
+
+
+# -- AdamW on bf16 weights ----------------------------------------------------------------------
+
+def _hash(x: torch.Tensor) -> torch.Tensor:
+    """A counter-based random int32 per element (lowbias32; int32 arithmetic wraps)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * -2073254261  # 0x846CA68B
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def round_stochastic(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, rounding away from zero with probability equal to the dropped fraction of an
+    ulp (bits: uniform in [0, 65535]), so the rounding error is zero on average."""
+    return ((x.float().view(torch.int32) + bits) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def adamw_sr_(p, g, m, v, lr, step, seed: int, offset, beta1: float, beta2: float, eps: float,
+              weight_decay: float) -> None:
+    """One AdamW step (torch's formula) in place on flat bf16 weights p and moments m, v, from
+    gradient g. lr and step are 0-d float tensors, offset a 0-d int32 tensor (a Python int would
+    be folded into int32 index arithmetic by the compiler, which overflows). The random bits of element i depend only on
+    (seed, step, offset + i), so a resumed or differently fused run makes the same draws."""
+    g = g.float()
+    m32 = m.float() * beta1 + g * (1 - beta1)
+    v32 = v.float() * beta2 + g * g * (1 - beta2)
+    update = (m32 / (1 - beta1 ** step)) / ((v32 / (1 - beta2 ** step)).sqrt() + eps)
+    p32 = p.float() * (1 - lr * weight_decay) - lr * update
+    key = _hash(step.to(torch.int32) * -1640531535 + seed)
+    bits = _hash((torch.arange(p.numel(), device=p.device, dtype=torch.int32) + offset) * -1640531535 ^ key)
+    p.copy_(round_stochastic(p32, bits & 0xFFFF))
+    v.copy_(round_stochastic(v32, (bits >> 16) & 0xFFFF))  # v moves by ~(1 - beta2) per step: below an ulp
+    m.copy_(m32)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """The elements of a dense tensor (contiguous or channels-last) in memory order."""
+    return t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _slot(p: torch.Tensor) -> int:
+    """Room for p in a flat buffer: a multiple of 16 elements keeps every slot 32-byte aligned."""
+    return -(-p.numel() // 16) * 16
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """AdamW for bf16 weights: bf16 moments, fp32 arithmetic, stochastic rounding of weights and
+    second moments. Memory: weights, gradients and two moments in bf16 (8 bytes a weight, against
+    16 for fp32 master weights, fp32 moments and bf16 gradients).
+
+    By default a group's weights, gradients and moments are views into flat buffers, updated by
+    one compiled kernel per group. With fused_backward, each weight is updated as soon as its
+    gradient is accumulated and the gradient is dropped (gradient accumulation and global gradient
+    clipping are then impossible)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, seed: int = 0, fused_backward: bool = False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        device = self.param_groups[0]["params"][0].device
+        self.seed, self.fused_backward = seed, fused_backward
+        self._step = torch.zeros((), device=device)
+        self._lrs = [torch.zeros((), device=device) for _ in self.param_groups]
+        self._update = compiled_or_eager(adamw_sr_) if on_gpu(device) else adamw_sr_
+        self._flat, self._offset, self._grads = [], {}, []
+        offset = 0
+        for i, group in enumerate(self.param_groups):
+            n = sum(_slot(p) for p in group["params"])
+            flat = {k: torch.zeros(n, dtype=torch.bfloat16, device=device)
+                    for k in (("exp_avg", "exp_avg_sq") if fused_backward else ("param", "grad", "exp_avg", "exp_avg_sq"))}
+            at = 0
+            for p in group["params"]:
+                if p.dtype != torch.bfloat16:
+                    raise TypeError("AdamWBF16 needs bf16 parameters")
+                stride = torch.empty_like(p).stride()  # p's own if dense, else contiguous
+                view = {k: t.as_strided(p.shape, stride, at) for k, t in flat.items()}
+                if not fused_backward:
+                    view["param"].copy_(p.detach())
+                    p.data, p.grad = view.pop("param"), view.pop("grad")
+                    self._grads.append((p, p.grad))
+                else:
+                    p.register_post_accumulate_grad_hook(self._step_one(i))
+                self.state[p] = {"exp_avg": view["exp_avg"], "exp_avg_sq": view["exp_avg_sq"], "step": self._step}
+                self._offset[p] = torch.tensor(offset + at, dtype=torch.int32, device=device)
+                at += _slot(p)
+            self._flat.append(flat)
+            offset += n
+
+    def _update_slice(self, i, p, g, m, v, offset):
+        group = self.param_groups[i]
+        self._update(p, g, m, v, self._lrs[i], self._step, self.seed, offset, *group["betas"], group["eps"],
+                     group["weight_decay"])
+
+    def _step_one(self, i):
+        @torch.no_grad()
+        def hook(p):
+            st = self.state[p]
+            self._update_slice(i, _flat(p), _flat(p.grad), _flat(st["exp_avg"]), _flat(st["exp_avg_sq"]), self._offset[p])
+            p.grad = None
+        return hook
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._step += 1  # before the closure: fused_backward updates run inside it
+        for lr, group in zip(self._lrs, self.param_groups):
+            lr.fill_(group["lr"])
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.fused_backward:
+            self._collect_grads()
+            for i, flat in enumerate(self._flat):
+                offset = self._offset[self.param_groups[i]["params"][0]]
+                self._update_slice(i, flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], offset)
+        return loss
+
+    def _collect_grads(self):
+        """Gradients that someone replaced (e.g. set to None before backward) go back into the flat buffer."""
+        for p, view in self._grads:
+            if p.grad is not view:
+                view.copy_(p.grad) if p.grad is not None else view.zero_()
+                p.grad = view
+
+    def zero_grad(self, set_to_none: bool = True):
+        """Gradients stay views of the flat buffer (autograd accumulates into them in place)."""
+        for flat in self._flat:
+            if "grad" in flat:
+                flat["grad"].zero_()
+        for p, view in self._grads:
+            p.grad = view
+
+    def load_state_dict(self, state_dict):
+        views = {p: dict(st) for p, st in self.state.items()}
+        super().load_state_dict(state_dict)
+        for p, st in views.items():
+            for k in ("exp_avg", "exp_avg_sq"):
+                st[k].copy_(self.state[p][k])
+            self._step.copy_(self.state[p]["step"])
+            st["step"] = self._step
+            self.state[p] = st
