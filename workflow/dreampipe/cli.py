@@ -43,7 +43,7 @@ def cmd_example_photos(a):
 def cmd_pretrain_toy(a):
     from . import pretrain
 
-    pretrain.run(Path(a.out), json.loads(a.settings))
+    pretrain.run(Path(a.out), json.loads(a.settings), a.stages)
 
 
 def cmd_evaluate(a):
@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     sp = add("pretrain-toy", cmd_pretrain_toy, "pretrain the toy-world base model (models/toy-sd)")
     sp.add_argument("out", nargs="?", default="models/toy-sd")
     sp.add_argument("--settings", default="{}", help='JSON overriding pretrain.DEFAULTS, e.g. {"unet_steps": 800}')
+    sp.add_argument("--stages", nargs="+", default=["vae", "unet", "classifier"], choices=["vae", "unet", "classifier"],
+                    help="each stage reads what the one before wrote to OUT")
 
     sp = add("evaluate", cmd_evaluate, "subject fidelity, prior preservation, language drift (toy world)")
     sp.add_argument("model")
