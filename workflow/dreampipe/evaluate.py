@@ -33,14 +33,14 @@ SUBJECT_KEYS = ("shape", "colour", "pattern")
 
 
 class AttributeClassifier(torch.nn.Module):
-    """Four strided convolutions, average and max pooled, one linear head per attribute."""
+    """Five convolutions (four strided), average and max pooled, one linear head per attribute."""
 
     def __init__(self, width: int = 32):
         super().__init__()
-        chans = [3, width // 2, width, 2 * width, 2 * width]
+        chans = [3, width // 2, width, 2 * width, 2 * width, 2 * width]
         layers = []
-        for a, b in zip(chans, chans[1:]):
-            layers += [torch.nn.Conv2d(a, b, 3, stride=2, padding=1), torch.nn.ReLU()]
+        for i, (a, b) in enumerate(zip(chans, chans[1:])):
+            layers += [torch.nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), torch.nn.ReLU()]
         self.features = torch.nn.Sequential(*layers)
         self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(4 * width, len(values))
                                           for name, values in toyworld.ATTRIBUTES.items()})
@@ -136,7 +136,7 @@ def entropy(values: list[str], universe: tuple) -> float:
     """Normalised Shannon entropy: 0 = always the same value, 1 = all values equally often."""
     counts = Counter(values)
     h = -sum(c / len(values) * math.log(c / len(values)) for c in counts.values())
-    return h / math.log(len(universe))
+    return abs(h / math.log(len(universe)))  # abs: no -0.0
 
 
 def subject_of(preds: list[dict]) -> dict:

@@ -27,7 +27,11 @@ def write(folder: Path, seed: int = 0) -> list[Path]:
     paths = []
     for i, (w, h, bg, kind, orientation) in enumerate(SHOTS, 1):
         thing = dataclasses.replace(toyworld.SUBJECT, background=bg or "white")
-        im = toyworld.draw(thing, rng, w, h, transparent=bg is None)
+        # the subject stays in the centre square, which prepare's crop mode keeps
+        side = min(w, h)
+        square = toyworld.draw(thing, rng, side, side, transparent=bg is None)
+        im = Image.new(square.mode, (w, h), square.getpixel((0, 0)))
+        im.paste(square, ((w - side) // 2, (h - side) // 2))
         path = folder / f"zxq_{i}.{kind}"
         if kind == "jpg":
             rgb = im.convert("RGB")
