@@ -36,6 +36,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
@@ -43,3 +44,4 @@ rule all:
         EXPORTS,
         expand(f"{R}/{{character}}/samples/final.png", character=CHARACTERS),
         expand(f"{R}/{{character}}/settings.yaml", character=CHARACTERS),
+        expand(f"{R}/{{character}}/evaluation.json", character=EVALUATED),

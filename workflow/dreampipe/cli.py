@@ -40,6 +40,20 @@ def cmd_example_photos(a):
     example_photos.write(Path(a.out))
 
 
+def cmd_pretrain_toy(a):
+    from . import pretrain
+
+    pretrain.run(Path(a.out), json.loads(a.settings), a.stages)
+
+
+def cmd_evaluate(a):
+    from . import evaluate
+
+    evaluate.run(a.model, a.base_model, a.tokenizer, Path(a.classifier), Path(a.instance_dir), Path(a.out),
+                 a.instance_prompt, a.class_prompt, a.class_word, a.seeds, a.steps, a.guidance_scale,
+                 a.grid and Path(a.grid))
+
+
 def cmd_prepare(a):
     from . import prepare
 
@@ -127,6 +141,27 @@ def main(argv=None) -> int:
 
     sp = add("example-photos", cmd_example_photos, "write the example character's photos")
     sp.add_argument("out")
+
+    sp = add("pretrain-toy", cmd_pretrain_toy, "pretrain the toy-world base model (models/toy-sd)")
+    sp.add_argument("out", nargs="?", default="models/toy-sd")
+    sp.add_argument("--settings", default="{}", help='JSON overriding pretrain.DEFAULTS, e.g. {"unet_steps": 800}')
+    sp.add_argument("--stages", nargs="+", default=["vae", "unet", "classifier"], choices=["vae", "unet", "classifier"],
+                    help="each stage reads what the one before wrote to OUT")
+
+    sp = add("evaluate", cmd_evaluate, "subject fidelity, prior preservation, language drift (toy world)")
+    sp.add_argument("model")
+    sp.add_argument("--base-model", required=True)
+    sp.add_argument("--tokenizer")
+    sp.add_argument("--classifier", required=True, help="attributes.safetensors beside the toy model")
+    sp.add_argument("--instance-dir", required=True, help="prepared instance images (manifest.json)")
+    sp.add_argument("--out", required=True, help="evaluation.json (a .md beside it)")
+    sp.add_argument("--instance-prompt", required=True)
+    sp.add_argument("--class-prompt", required=True)
+    sp.add_argument("--class-word", required=True)
+    sp.add_argument("--seeds", type=int, nargs="+", default=list(range(16)))
+    sp.add_argument("--steps", type=int, default=25)
+    sp.add_argument("--guidance-scale", type=float, default=5.0)
+    sp.add_argument("--grid", help="also write the scored pictures as a grid")
 
     sp = add("prepare", cmd_prepare, "photos -> square training images + manifest + contact sheet")
     sp.add_argument("instance_dir")

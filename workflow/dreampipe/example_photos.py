@@ -1,33 +1,23 @@
-"""The embedded example's "photos": a distinctive toy robot drawn deterministically, in varied
-sizes, aspect ratios and backgrounds, one PNG with transparency and one JPEG whose EXIF tag says
-it must be rotated, so the example exercises what real photo folders need."""
+"""The embedded example's "photos": the toy-world subject (toyworld.SUBJECT, an object the toy
+base model never saw) drawn by the toy world's own generator, in varied sizes, aspect ratios,
+places and backgrounds, one PNG with transparency and one JPEG whose EXIF tag says it must be
+rotated, so the example exercises what real photo folders need."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from . import toyworld
 
 # (width, height, background or None for transparent, file type, EXIF orientation)
-SHOTS = [(96, 96, (250, 250, 250), "png", None), (120, 80, (190, 220, 255), "png", None),
-         (80, 128, None, "png", None), (100, 100, (255, 240, 200), "jpg", 6),
-         (160, 120, (220, 255, 220), "jpg", None), (72, 72, (235, 235, 235), "png", None)]
-
-
-def draw_robot(w: int, h: int, background, rng: random.Random) -> Image.Image:
-    im = Image.new("RGBA", (w, h), background + (255,) if background else (0, 0, 0, 0))
-    d = ImageDraw.Draw(im)
-    s = min(w, h) * rng.uniform(0.55, 0.75)
-    cx, cy = w / 2 + rng.uniform(-0.1, 0.1) * w, h / 2 + rng.uniform(-0.05, 0.05) * h
-    body = [cx - s * 0.3, cy - s * 0.1, cx + s * 0.3, cy + s * 0.45]
-    d.rectangle(body, fill=(30, 90, 200))                                     # blue body
-    d.ellipse([cx - s * 0.22, cy - s * 0.5, cx + s * 0.22, cy - s * 0.08], fill=(255, 140, 0))  # orange head
-    for ex in (-0.09, 0.09):                                                  # green eyes
-        d.ellipse([cx + s * (ex - 0.04), cy - s * 0.33, cx + s * (ex + 0.04), cy - s * 0.25], fill=(0, 220, 90))
-    for y in (0.05, 0.2, 0.35):                                               # yellow stripes
-        d.line([body[0], cy + s * y, body[2], cy + s * y], fill=(255, 220, 0), width=max(1, int(s * 0.04)))
-    return im
+SHOTS = [(96, 96, "white", "png", None), (120, 80, "blue", "png", None),
+         (80, 128, None, "png", None), (100, 100, "yellow", "jpg", 6),
+         (160, 120, "green", "jpg", None), (72, 72, "orange", "png", None)]
+CAPTIONED = {2: "a photo of zxq star on a blue background"}  # sidecar caption of photo 2
 
 
 def write(folder: Path, seed: int = 0) -> list[Path]:
@@ -35,9 +25,14 @@ def write(folder: Path, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     paths = []
-    for i, (w, h, bg, kind, orientation) in enumerate(SHOTS):
-        im = draw_robot(w, h, bg, rng)
-        path = folder / f"robot_{i + 1}.{kind}"
+    for i, (w, h, bg, kind, orientation) in enumerate(SHOTS, 1):
+        thing = dataclasses.replace(toyworld.SUBJECT, background=bg or "white")
+        # the subject stays in the centre square, which prepare's crop mode keeps
+        side = min(w, h)
+        square = toyworld.draw(thing, rng, side, side, transparent=bg is None)
+        im = Image.new(square.mode, (w, h), square.getpixel((0, 0)))
+        im.paste(square, ((w - side) // 2, (h - side) // 2))
+        path = folder / f"zxq_{i}.{kind}"
         if kind == "jpg":
             rgb = im.convert("RGB")
             exif = Image.Exif()
@@ -48,5 +43,6 @@ def write(folder: Path, seed: int = 0) -> list[Path]:
         else:
             im.save(path)
         paths.append(path)
-    (folder / "robot_2.txt").write_text("a photo of zxq robot on a blue background")
+    for i, caption in CAPTIONED.items():
+        (folder / f"zxq_{i}.txt").write_text(caption)
     return paths

@@ -13,7 +13,8 @@ from . import checkpoint
 
 # Words the demo prompts use get whole tokens; anything else still tokenizes, byte by byte.
 WORDS = ("a photo of an the on in with and background sks zxq toy robot dog cat person man woman "
-         "red green blue yellow orange purple white black striped dotted round square star").split()
+         "red green blue yellow orange purple white black striped dotted round circle square "
+         "triangle star").split()
 
 
 def architecture(vocab_size: int) -> dict:
@@ -30,7 +31,7 @@ def architecture(vocab_size: int) -> dict:
     }
 
 
-def write_tokenizer(folder: Path) -> int:
+def write_tokenizer(folder: Path, max_length: int = 77) -> int:
     """A CLIP BPE tokenizer (vocab.json + merges.txt) built like CLIP's: bytes, merges, specials."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -50,7 +51,7 @@ def write_tokenizer(folder: Path) -> int:
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        {"model_max_length": max_length, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
          "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
     return len(vocab)
 

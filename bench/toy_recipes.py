@@ -1,0 +1,77 @@
+"""DreamBooth recipes on the toy world: the demo's settings, the plain diffusers recipe and a few
+variations, each trained from the committed toy base model on the example photos with the same
+class images, steps and seeds, and scored by evaluate.py. Prints a markdown table.
+
+    PYTHONPATH=workflow python bench/toy_recipes.py [--out results/bench/toy-recipes]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "workflow"))
+
+from dreampipe import class_images, config, evaluate, example_photos, prepare, train  # noqa: E402
+
+# diffusers examples/dreambooth/train_dreambooth.py defaults (with --with_prior_preservation)
+DIFFUSERS = {"learning_rate": 5e-6, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+             "adam_weight_decay": 1e-2, "max_grad_norm": 1.0, "prior_loss_weight": 1.0,
+             "train_text_encoder": False, "batch_size": 1}
+
+
+def recipes(demo: dict) -> dict:
+    steps = demo["max_steps"]
+    return {
+        "ours (demo config)": {},
+        "diffusers recipe": DIFFUSERS,
+        f"ours, {steps // 2} steps": {"max_steps": steps // 2},
+        f"ours, {steps * 2} steps": {"max_steps": steps * 2},
+        f"ours, lr x0.3": {"learning_rate": demo["learning_rate"] * 0.3},
+        "ours, prior_loss_weight 0": {"prior_loss_weight": 0.0},
+        "ours, prior_loss_weight 3": {"prior_loss_weight": 3.0},
+    }
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="results/bench/toy-recipes")
+    p.add_argument("--seeds", type=int, default=16)
+    a = p.parse_args()
+    out = Path(a.out)
+    _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
+    c = chars["example"]
+    model, tokenizer = str(ROOT / c["base_model"]), str(ROOT / c["tokenizer"])
+    classifier = Path(model).parent / evaluate.CLASSIFIER_FILE
+    example_photos.write(out / "photos")
+    prepare.run(out / "photos", out / "instance", 64, "pad", "white", c["instance_prompt"])
+    ci = c["class_images"]
+    class_images.run(model, tokenizer, out / "class", out / "class.json", ci["num_class_images"],
+                     ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
+    demo = config.train_settings(c)
+    rows = []
+    for name, change in recipes(demo).items():
+        slug = "".join(ch if ch.isalnum() else "-" for ch in name)
+        settings = {**demo, **change, "sample_every_n_steps": 0}
+        trained = train.run(model, tokenizer, out / "instance", out / "class.json", settings,
+                            out / slug / "state", out / slug, out / slug / "model.safetensors")
+        r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
+                         c["instance_prompt"], ci["class_prompt"], c["class_word"], list(range(a.seeds)),
+                         20, 5.0, out / slug / "evaluation.png")
+        rows.append((name, settings, r))
+    keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift"]
+    print("| recipe | steps | lr | prior_loss_weight | " + " | ".join(keys) + " |")
+    print("|---" * (4 + len(keys)) + "|")
+    base = rows[0][2]["before"]
+    print(f"| base model (before) | 0 | - | - | " + " | ".join(f"{base[k]:.2f}" for k in keys) + " |")
+    for name, s, r in rows:
+        print(f"| {name} | {s['max_steps']} | {s['learning_rate']:g} | {s['prior_loss_weight']:g} | "
+              + " | ".join(f"{r['after'][k]:.2f}" for k in keys) + " |")
+    (out / "summary.json").write_text(json.dumps([{"recipe": n, "settings": s, **r} for n, s, r in rows], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The toy world, its pretrained base model and the quality metrics, down to a DreamBooth run of
+the demo on the committed model whose subject the metrics recognise."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from dreampipe import checkpoint, class_images, config, evaluate, prepare, tiny, toyworld, train
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "models" / "toy-sd"
+
+
+def test_a_seed_always_draws_the_same_picture_and_caption():
+    a, b, c = toyworld.example(7), toyworld.example(7), toyworld.example(8)
+    assert a[0].tobytes() == b[0].tobytes() and a[1:] == b[1:]
+    assert a[0].tobytes() != c[0].tobytes()
+
+
+def test_the_caption_names_the_colours_that_are_drawn():
+    for seed in range(50):
+        image, thing, caption = toyworld.example(seed)
+        arr = np.asarray(image).reshape(-1, 3)
+        colours, counts = np.unique(arr, axis=0, return_counts=True)
+        by_count = [tuple(int(v) for v in colours[i]) for i in np.argsort(-counts)]
+        assert tuple(np.asarray(image)[0, 0]) == toyworld.COLOURS[thing.background]
+        assert toyworld.COLOURS[thing.colour] in by_count[:3]
+        words = thing.caption().split()
+        assert {thing.shape, thing.colour} <= set(words) and words[-2] == thing.background
+        assert (thing.pattern in words) == (thing.pattern != "plain")
+        assert set(caption.split()) <= set(words), "a dropped word is never replaced by another"
+
+
+def test_the_pretraining_world_never_shows_the_subject():
+    rng = random.Random(0)
+    subject = (toyworld.SUBJECT.shape, toyworld.SUBJECT.colour, toyworld.SUBJECT.pattern)
+    assert all((t.shape, t.colour, t.pattern) != subject
+               for t in (toyworld.sample(rng) for _ in range(5000)))
+
+
+def test_every_caption_word_is_a_tokenizer_word_and_captions_round_trip():
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(TOY / "tokenizer"))
+    captions = [toyworld.example(s)[2] for s in range(300)]
+    assert {w for c in captions for w in c.split()} <= set(tiny.WORDS)
+    for caption in captions[:50]:
+        assert tok.decode(tok(caption).input_ids, skip_special_tokens=True).strip() == caption
+    assert len(tok(max(captions, key=len)).input_ids) <= tok.model_max_length
+
+
+def test_the_committed_base_model_is_a_small_fp16_sd_checkpoint():
+    path = TOY / "toy-sd.safetensors"
+    assert path.stat().st_size < 20 * 2**20
+    sd, meta = checkpoint.read_state_dict(path)
+    assert {str(v.dtype) for k, v in sd.items() if v.is_floating_point()} == {"torch.float16"}
+    model = checkpoint.load(path, tokenizer=TOY / "tokenizer")
+    assert model.vae.config.scaling_factor == json.loads(meta[checkpoint.ARCHITECTURE_KEY])["vae"]["scaling_factor"]
+
+
+def test_the_shipped_classifier_reads_toy_world_pictures():
+    # Fresh seeds, never trained on. The subject metric needs shape, colour and pattern read
+    # right together; 0.9 per attribute keeps chance agreement with a wrong subject small.
+    net = evaluate.load_classifier(TOY / evaluate.CLASSIFIER_FILE)
+    acc = evaluate.accuracy(net, range(9 * 10**6, 9 * 10**6 + 300))
+    assert min(acc.values()) >= 0.9, acc
+
+
+def test_entropy_is_zero_for_one_value_and_one_for_all_values_equally():
+    colours = toyworld.ATTRIBUTES["colour"]
+    assert evaluate.entropy(["red"] * 8, colours) == 0
+    assert evaluate.entropy(list(colours), colours) == pytest.approx(1)
+
+
+def test_scores_count_the_subject_only_when_shape_colour_and_pattern_all_match():
+    subject = {"shape": "star", "colour": "purple", "pattern": "dotted"}
+    hit = {**subject, "background": "blue"}
+    near = {**hit, "pattern": "plain"}
+    s = evaluate.scores([hit, near], [near, {**hit, "shape": "circle"}], subject, "star")
+    assert s["subject_fidelity"] == 0.5
+    assert s["subject_attributes"] == {"shape": 1.0, "colour": 1.0, "pattern": 0.5}
+    assert s["class_shape_rate"] == 0.5
+    assert s["language_drift"] == 0.5
+
+
+def test_the_demo_runs_on_the_committed_model_and_keeps_the_class_diverse(tmp_path, example_photos):
+    """The demo's settings (config/config.yaml) on the committed model, evaluated on 8 seeds.
+
+    The CPU-pretrained toy model follows prompts only weakly (docs/quality.md), so subject
+    fidelity is reported, not asserted; what is asserted holds for it: the subject is read from
+    the photos, and after finetuning class samples still show stars in several colours (8
+    colours drawn equally often give entropy 1, one colour 0; the base model gives 0.64).
+    """
+    _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
+    c = chars["example"]
+    model, tokenizer = str(ROOT / c["base_model"]), str(ROOT / c["tokenizer"])
+    instance = tmp_path / "instance"
+    prepare.run(example_photos, instance, 64, c["prepare"]["mode"], "white", c["instance_prompt"])
+    ci = c["class_images"]
+    class_images.run(model, tokenizer, tmp_path / "class", tmp_path / "class.json", ci["num_class_images"],
+                     ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
+    settings = {**config.train_settings(c), "sample_every_n_steps": 0}
+    trained = train.run(model, tokenizer, instance, tmp_path / "class.json", settings,
+                        tmp_path / "state", tmp_path / "work", tmp_path / "trained.safetensors")
+    r = evaluate.run(trained, model, tokenizer, TOY / evaluate.CLASSIFIER_FILE, instance,
+                     tmp_path / "evaluation.json", c["instance_prompt"], ci["class_prompt"],
+                     c["class_word"], list(range(8)), 20, 5.0)
+    assert r["subject"] == {"shape": "star", "colour": "purple", "pattern": "dotted"}
+    assert json.loads((tmp_path / "evaluation.json").read_text()) == r
+    assert r["after"]["class_shape_rate"] >= 0.5, r
+    assert r["after"]["class_colour_entropy"] >= 0.5, r

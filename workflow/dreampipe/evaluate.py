@@ -1,0 +1,210 @@
+"""Evaluate: how well a finetuned toy-world model learned its subject, and what it forgot.
+
+A small attribute classifier, trained on the toy world (toyworld.py) and shipped beside the toy
+base model, reads shape, colour, pattern and background off any 64 px picture. The subject is
+what the classifier sees in the character's own training images (majority vote), so no config
+has to restate it. From fixed seeds, before (base model) and after (finetuned):
+
+- subject fidelity: share of "<instance prompt>" samples showing the subject's shape, colour and
+  pattern together;
+- prior preservation: class-prompt samples still show the class, and as many colours and patterns
+  as the base model drew (normalised entropy, 1 = uniform);
+- language drift: share of class-prompt samples that turned into the subject (colour and pattern).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from . import toyworld
+
+CLASSIFIER_FILE = "attributes.safetensors"
+SUBJECT_KEYS = ("shape", "colour", "pattern")
+
+
+class AttributeClassifier(torch.nn.Module):
+    """Five convolutions (four strided), average and max pooled, one linear head per attribute."""
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+        chans = [3, width // 2, width, 2 * width, 2 * width, 2 * width]
+        layers = []
+        for i, (a, b) in enumerate(zip(chans, chans[1:])):
+            layers += [torch.nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), torch.nn.ReLU()]
+        self.features = torch.nn.Sequential(*layers)
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(4 * width, len(values))
+                                          for name, values in toyworld.ATTRIBUTES.items()})
+
+    def forward(self, x: torch.Tensor) -> dict:
+        f = self.features(x)
+        f = torch.cat([f.mean((2, 3)), f.amax((2, 3))], 1)
+        return {name: head(f) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: list[Image.Image]) -> list[dict]:
+        from .sampling import from_pil
+
+        self.eval()
+        x = from_pil([im.convert("RGB").resize((64, 64), Image.BILINEAR) for im in images])
+        logits = self(x)
+        return [{name: toyworld.ATTRIBUTES[name][int(logits[name][i].argmax())] for name in logits}
+                for i in range(len(images))]
+
+
+def labels(things: list[toyworld.Thing]) -> dict:
+    return {name: torch.tensor([values.index(getattr(t, name)) for t in things])
+            for name, values in toyworld.ATTRIBUTES.items()}
+
+
+def augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Blur and noise, as in pictures decoded from a small VAE."""
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
+    noise = torch.randn(64, 64, 3, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
+    arr = (arr + noise * rng.uniform(0, 12)).clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(arr.numpy())
+
+
+def train_classifier(steps: int, extra: list[tuple[Image.Image, toyworld.Thing]] = (),
+                     seed: int = 0, batch_size: int = 64, log=print) -> AttributeClassifier:
+    """Fresh toy-world pictures every step (augmented), mixed with `extra` labelled pictures
+    (e.g. VAE reconstructions, so the classifier knows what decoded pictures look like)."""
+    from .sampling import from_pil
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    net = AttributeClassifier()
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    extra = list(extra)
+    for step in range(steps):
+        batch = []
+        for _ in range(batch_size):
+            if extra and rng.random() < 0.5:
+                batch.append(rng.choice(extra))
+            else:
+                im, thing, _ = toyworld.example(rng.randrange(2**31))
+                batch.append((augment(im, rng), thing))
+        logits = net(from_pil([im for im, _ in batch]))
+        target = labels([t for _, t in batch])
+        loss = sum(F.cross_entropy(logits[k], target[k]) for k in logits)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"classifier step {step} loss {float(loss):.4f}")
+    return net.eval()
+
+
+def save_classifier(net: AttributeClassifier, path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return Path(path)
+
+
+def load_classifier(path: Path) -> AttributeClassifier:
+    from safetensors.torch import load_file
+
+    net = AttributeClassifier()
+    net.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return net.eval()
+
+
+def accuracy(net: AttributeClassifier, seeds: range) -> dict:
+    """Per attribute, the share of toy-world pictures of these seeds read correctly."""
+    examples = [toyworld.example(s) for s in seeds]
+    preds = net.predict([im for im, _, _ in examples])
+    return {k: sum(p[k] == getattr(t, k) for p, (_, t, _) in zip(preds, examples)) / len(examples)
+            for k in toyworld.ATTRIBUTES}
+
+
+def entropy(values: list[str], universe: tuple) -> float:
+    """Normalised Shannon entropy: 0 = always the same value, 1 = all values equally often."""
+    counts = Counter(values)
+    h = -sum(c / len(values) * math.log(c / len(values)) for c in counts.values())
+    return abs(h / math.log(len(universe)))  # abs: no -0.0
+
+
+def subject_of(preds: list[dict]) -> dict:
+    return {k: Counter(p[k] for p in preds).most_common(1)[0][0] for k in SUBJECT_KEYS}
+
+
+def scores(instance: list[dict], klass: list[dict], subject: dict, class_word: str) -> dict:
+    def share(preds, keys):
+        return sum(all(p[k] == subject[k] for k in keys) for p in preds) / len(preds)
+
+    return {
+        "subject_fidelity": share(instance, SUBJECT_KEYS),
+        "subject_attributes": {k: share(instance, [k]) for k in SUBJECT_KEYS},
+        "class_shape_rate": sum(p["shape"] == class_word for p in klass) / len(klass),
+        "class_colour_entropy": entropy([p["colour"] for p in klass], toyworld.ATTRIBUTES["colour"]),
+        "class_pattern_entropy": entropy([p["pattern"] for p in klass], toyworld.ATTRIBUTES["pattern"]),
+        "language_drift": share(klass, ("colour", "pattern")),
+    }
+
+
+def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_dir: Path,
+        out: Path, instance_prompt: str, class_prompt: str, class_word: str, seeds: list[int],
+        steps: int, guidance_scale: float, grid_path: Path | None = None) -> dict:
+    """Score base and finetuned model on the same seeds; write JSON and a markdown table."""
+    from . import checkpoint, sampling
+    from .images import grid, save_atomic
+
+    net = load_classifier(classifier_path)
+    manifest = json.loads((Path(instance_dir) / "manifest.json").read_text())
+    instance_preds = net.predict([Image.open(Path(instance_dir) / m["file"]) for m in manifest])
+    subject = subject_of(instance_preds)
+    result = {"subject": subject, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+              "seeds": list(seeds), "steps": steps, "guidance_scale": guidance_scale}
+    pictures = []
+    for label, path in (("before", base_model_path), ("after", model_path)):
+        model = checkpoint.load(path, tokenizer=tokenizer).to(sampling.pick_device())
+        images = {}
+        for key, prompt in (("instance", instance_prompt), ("class", class_prompt)):
+            images[key] = sampling.generate(model, [prompt] * len(seeds), list(seeds), resolution=64,
+                                            steps=steps, guidance_scale=guidance_scale)
+            pictures += [(im, f"{label}: {prompt} #{s}") for im, s in zip(images[key], seeds)]
+        result[label] = scores(net.predict(images["instance"]), net.predict(images["class"]),
+                               subject, class_word)
+    write_json(result, Path(out))
+    Path(out).with_suffix(".md").write_text(markdown(result))
+    if grid_path:
+        save_atomic(grid([p for p, _ in pictures], [t for _, t in pictures], columns=len(seeds)),
+                    grid_path)
+    return result
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def markdown(result: dict) -> str:
+    b, a = result["before"], result["after"]
+    rows = [("subject fidelity (shape+colour+pattern) ↑", "subject_fidelity"),
+            ("class prompt draws the class ↑", "class_shape_rate"),
+            ("class colour diversity (entropy) ↑", "class_colour_entropy"),
+            ("class pattern diversity (entropy) ↑", "class_pattern_entropy"),
+            ("language drift (class looks like subject) ↓", "language_drift")]
+    s = result["subject"]
+    lines = [f"Subject read from the training images: {s['colour']} {s['pattern']} {s['shape']}. "
+             f"{len(result['seeds'])} seeds, {result['steps']} DDIM steps, guidance "
+             f"{result['guidance_scale']}.", "", "| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {b[k]:.2f} | {a[k]:.2f} |" for name, k in rows]
+    return "\n".join(lines) + "\n"

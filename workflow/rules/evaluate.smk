@@ -1,0 +1,38 @@
+# Quality of a character trained on the toy base model: the attribute classifier shipped beside
+# that model scores subject fidelity, prior preservation and language drift (evaluate.py).
+# Characters on other base models have no classifier and are not evaluated.
+def toy_classifier(c):
+    path = Path(base_model(Namespace(character=c["name"]))).parent / "attributes.safetensors"
+    return str(path) if path.is_file() else None
+
+
+EVALUATED = [name for name, c in CHARACTERS.items() if toy_classifier(c)]
+
+
+rule evaluate:
+    input:
+        model=f"{R}/{{character}}/{{character}}.safetensors",
+        base=base_model,
+        instance=f"{R}/{{character}}/instance",
+        classifier=lambda wc: toy_classifier(char(wc)),
+    output:
+        json=f"{R}/{{character}}/evaluation.json",
+        markdown=f"{R}/{{character}}/evaluation.md",
+        grid=f"{R}/{{character}}/evaluation.png",
+    log:
+        f"{R}/{{character}}/logs/evaluate.log",
+    conda:
+        "../../envs/dreampipe.yaml"
+    resources:
+        gpu=1,
+    params:
+        instance_prompt=lambda wc: char(wc)["instance_prompt"],
+        class_prompt=lambda wc: char(wc)["class_images"]["class_prompt"],
+        class_word=lambda wc: char(wc)["class_word"],
+        seeds=" ".join(map(str, range(16))),
+        tokenizer=tokenizer_arg,
+    shell:
+        "dreampipe evaluate {input.model:q} --base-model {input.base:q} {params.tokenizer}"
+        " --classifier {input.classifier:q} --instance-dir {input.instance:q} --out {output.json:q}"
+        " --instance-prompt {params.instance_prompt:q} --class-prompt {params.class_prompt:q}"
+        " --class-word {params.class_word:q} --seeds {params.seeds} --grid {output.grid:q} --log {log}"
