@@ -2,7 +2,10 @@
 # that model scores subject fidelity, prior preservation and language drift (evaluate.py).
 # Characters on other base models have no classifier and are not evaluated.
 def toy_classifier(c):
-    path = Path(base_model(Namespace(character=c["name"]))).parent / "attributes.safetensors"
+    path = (
+        Path(base_model(Namespace(character=c["name"]))).parent
+        / "attributes.safetensors"
+    )
     return str(path) if path.is_file() else None
 
 
