@@ -172,3 +172,14 @@ EXPORTS = [exported(Namespace(character=c)) for c in CHARACTERS] + [
     for c, settings in CHARACTERS.items()
     if settings["export"]["diffusers"]
 ]
+
+
+def toy_classifier(c):
+    path = (
+        Path(base_model(Namespace(character=c["name"]))).parent
+        / "attributes.safetensors"
+    )
+    return str(path) if path.is_file() else None
+
+
+EVALUATED = [name for name, c in CHARACTERS.items() if toy_classifier(c)]

@@ -1,27 +1,22 @@
 # Quality of a character trained on the toy base model: the attribute classifier shipped beside
 # that model scores subject fidelity, prior preservation and language drift (evaluate.py).
 # Characters on other base models have no classifier and are not evaluated.
-def toy_classifier(c):
-    path = (
-        Path(base_model(Namespace(character=c["name"]))).parent
-        / "attributes.safetensors"
-    )
-    return str(path) if path.is_file() else None
-
-
-EVALUATED = [name for name, c in CHARACTERS.items() if toy_classifier(c)]
-
-
 rule evaluate:
     input:
-        model=f"{R}/{{character}}/{{character}}.safetensors",
+        model=exported,
         base=base_model,
-        instance=f"{R}/{{character}}/instance",
+        instance=f"{R}/{{character}}/instance/0",  # the (first) subject
         classifier=lambda wc: toy_classifier(char(wc)),
     output:
         json=f"{R}/{{character}}/evaluation.json",
         markdown=f"{R}/{{character}}/evaluation.md",
-        grid=f"{R}/{{character}}/evaluation.png",
+        grid=report(
+            f"{R}/{{character}}/evaluation.png",
+            caption="../report/evaluation.rst",
+            category="{character}",
+            subcategory="5 quality",
+            labels={"figure": "evaluation"},
+        ),
     log:
         f"{R}/{{character}}/logs/evaluate.log",
     conda:
