@@ -106,3 +106,15 @@ def _class_sets():
 
 
 CLASS_SETS = _class_sets()
+
+
+# Characters on the toy base model are evaluated with the attribute classifier beside it.
+def toy_classifier(c):
+    path = (
+        Path(base_model(Namespace(character=c["name"]))).parent
+        / "attributes.safetensors"
+    )
+    return str(path) if path.is_file() else None
+
+
+EVALUATED = [name for name, c in CHARACTERS.items() if toy_classifier(c)]

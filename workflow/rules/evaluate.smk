@@ -1,14 +1,6 @@
 # Quality of a character trained on the toy base model: the attribute classifier shipped beside
 # that model scores subject fidelity, prior preservation and language drift (evaluate.py).
-# Characters on other base models have no classifier and are not evaluated.
-def toy_classifier(c):
-    path = Path(base_model(Namespace(character=c["name"]))).parent / "attributes.safetensors"
-    return str(path) if path.is_file() else None
-
-
-EVALUATED = [name for name, c in CHARACTERS.items() if toy_classifier(c)]
-
-
+# Characters on other base models have no classifier and are not evaluated (EVALUATED, common.smk).
 rule evaluate:
     input:
         model=f"{R}/{{character}}/{{character}}.safetensors",
