@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import DreampipeError
 
 log = logging.getLogger("dreampipe")
-GPU_COMMANDS = {"class-images", "train", "sample"}
+GPU_COMMANDS = {"class-images", "train", "sample", "evaluate"}
 
 
 def _setup_logging(logfile: str | None) -> None:
