@@ -30,7 +30,7 @@ def recipes(demo: dict) -> dict:
         "diffusers recipe": DIFFUSERS,
         f"ours, {steps // 2} steps": {"max_steps": steps // 2},
         f"ours, {steps * 2} steps": {"max_steps": steps * 2},
-        f"ours, lr x0.3": {"learning_rate": demo["learning_rate"] * 0.3},
+        "ours, lr x0.3": {"learning_rate": demo["learning_rate"] * 0.3},
         "ours, prior_loss_weight 0": {"prior_loss_weight": 0.0},
         "ours, prior_loss_weight 3": {"prior_loss_weight": 3.0},
     }
