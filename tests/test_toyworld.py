@@ -104,7 +104,7 @@ def test_the_demo_runs_on_the_committed_model_and_keeps_the_class_diverse(tmp_pa
     class_images.run(model, tokenizer, tmp_path / "class", tmp_path / "class.json", ci["num_class_images"],
                      ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
     settings = {**config.train_settings(c), "sample_every_n_steps": 0}
-    trained = train.run(model, tokenizer, instance, tmp_path / "class.json", settings,
+    trained = train.run(model, tokenizer, [(instance, tmp_path / "class.json")], settings,
                         tmp_path / "state", tmp_path / "work", tmp_path / "trained.safetensors")
     r = evaluate.run(trained, model, tokenizer, TOY / evaluate.CLASSIFIER_FILE, instance,
                      tmp_path / "evaluation.json", c["instance_prompt"], ci["class_prompt"],
