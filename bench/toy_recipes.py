@@ -66,7 +66,7 @@ def main():
     print("| recipe | steps | lr | prior_loss_weight | " + " | ".join(keys) + " |")
     print("|---" * (4 + len(keys)) + "|")
     base = rows[0][2]["before"]
-    print(f"| base model (before) | 0 | - | - | " + " | ".join(f"{base[k]:.2f}" for k in keys) + " |")
+    print("| base model (before) | 0 | - | - | " + " | ".join(f"{base[k]:.2f}" for k in keys) + " |")
     for name, s, r in rows:
         print(f"| {name} | {s['max_steps']} | {s['learning_rate']:g} | {s['prior_loss_weight']:g} | "
               + " | ".join(f"{r['after'][k]:.2f}" for k in keys) + " |")

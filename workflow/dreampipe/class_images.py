@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import DreampipeError
+from .files import write_json
 
 KEYWORDS = ("generate", "instance", "none")
 
@@ -105,9 +105,7 @@ def write_manifest(manifest: Path, prompt: str, files: list[Path]) -> None:
         with Image.open(f) as im:
             sheet.append(im.convert("RGB"))
     save_atomic(grid(sheet, [f.stem for f in files[:64]]), manifest.with_suffix(".png"))
-    tmp = manifest.with_name(f".{manifest.name}.tmp")
-    tmp.write_text(json.dumps({"prompt": prompt, "images": [str(f) for f in files]}, indent=1))
-    os.replace(tmp, manifest)
+    write_json({"prompt": prompt, "images": [str(f) for f in files]}, manifest)
 
 
 def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler, steps,

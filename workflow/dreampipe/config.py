@@ -9,7 +9,6 @@ import copy
 import difflib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import jsonschema
@@ -17,6 +16,7 @@ import yaml
 from referencing import Registry, Resource
 
 from .errors import DreampipeError
+from .files import write_json
 
 SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 SECTIONS = ("prepare", "class_images", "train", "export", "sample")
@@ -174,10 +174,7 @@ def model_id(path: str, cache: Path) -> str:
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
         known[key] = h.hexdigest()[:16]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, cache)
+        write_json(known, cache)
     return known[key]
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from . import toyworld
+from .files import write_json
 
 CLASSIFIER_FILE = "attributes.safetensors"
 SUBJECT_KEYS = ("shape", "colour", "pattern")
@@ -187,12 +188,6 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
                     grid_path)
     return result
 
-
-def write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def markdown(result: dict) -> str:

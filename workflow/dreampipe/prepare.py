@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import io
-import json
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from functools import cache, partial
 from pathlib import Path
 
 from .errors import DreampipeError
+from .files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +243,7 @@ def run(instance_dir: Path, out_dir: Path, resolution: int, mode: str, backgroun
             dropped.unlink()
         save_atomic(grid([r["thumb"] for r in kept], [r["source"].name for r in kept], cell=SHEET_CELL),
                     out_dir / "contact_sheet.png")
-        tmp = out_dir / ".manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, out_dir / "manifest.json")
+        write_json(manifest, out_dir / "manifest.json")
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # no half-prepared set for a later run to trust
         raise

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, evaluate, sampling, tiny, toyworld
+from .files import write_json
 from .images import grid, save_atomic
 
 log = logging.getLogger("dreampipe.pretrain")
@@ -151,7 +152,7 @@ def run(out_dir: Path, settings: dict | None = None, stages=STAGES) -> Path:
                           "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                           else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
                           "settings": s}
-        evaluate.write_json(summary, summary_path)
+        write_json(summary, summary_path)
     return out_dir / MODEL_FILE
 
 

@@ -10,7 +10,6 @@ Sampling on a GPU: bf16, channels-last, the UNet compiled.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 

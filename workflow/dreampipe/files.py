@@ -1,0 +1,16 @@
+"""Files appear whole or not at all: write beside the target, then rename over it.
+Standard library only: config.py (imported by the Snakefile) uses it too."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def write_json(data, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
