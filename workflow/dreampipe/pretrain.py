@@ -35,7 +35,7 @@ SAMPLE_PROMPTS = ["a photo of a star", "a photo of a red circle on a white backg
 DEFAULTS = {"vae_steps": 1000, "vae_batch_size": 16, "vae_learning_rate": 2e-3, "kl_weight": 1e-6,
             "classifier_steps": 3000, "classifier_reconstructions": 512,
             "latents": 4096, "unet_steps": 2500, "unet_batch_size": 64, "unet_learning_rate": 1e-3,
-            "caption_dropout": 0.1, "seed": 0, "cpu_threads": 1}
+            "caption_dropout": 0.1, "min_snr_gamma": 5.0, "seed": 0, "cpu_threads": 1}
 
 
 def architecture(vocab_size: int) -> dict:
@@ -110,6 +110,7 @@ def train_unet(model: checkpoint.StableDiffusion, latents, stds, captions: list[
     g = torch.Generator().manual_seed(s["seed"])
     rng = random.Random(s["seed"])
     scale = model.vae.config.scaling_factor
+    alphas = noise_scheduler.alphas_cumprod
     for step in range(s["unet_steps"]):
         idx = torch.randint(0, len(latents), (s["unet_batch_size"],), generator=g)
         x0 = (latents[idx] + stds[idx] * torch.randn(latents[idx].shape, generator=g)) * scale
@@ -120,7 +121,11 @@ def train_unet(model: checkpoint.StableDiffusion, latents, stds, captions: list[
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=g)
         pred = model.unet(noise_scheduler.add_noise(x0, noise, t), t,
                           encoder_hidden_states=model.text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        # Min-SNR-gamma weighting (Hang et al. 2023): the nearly clean timesteps, whose noise is
+        # hardest to see and least useful to learn, stop dominating the gradient; converges faster
+        snr = alphas[t] / (1 - alphas[t])
+        weight = snr.clamp(max=s["min_snr_gamma"]) / snr if s["min_snr_gamma"] else torch.ones_like(snr)
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

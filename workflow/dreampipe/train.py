@@ -485,8 +485,9 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     saver = SaveState(state_dir, settings["save_state_every_n_steps"])
     sampler = SampleGrid(workdir, settings)
     logger = tensorboard_logger(workdir)
-    callbacks = [saver, Progress(workdir), sampler,
-                 SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"])]
+    # the state is saved last, so a kill after it finds this step's loss row, grid and checkpoint written
+    callbacks = [Progress(workdir), sampler,
+                 SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"]), saver]
     if logger:
         callbacks.append(pl.callbacks.LearningRateMonitor("step"))
     # after text_encoder_steps the text encoder gets no gradients, which DDP must be told
