@@ -185,11 +185,15 @@ class DreamBooth(pl.LightningModule):
                 n = n + self.s["offset_noise"] * torch.randn(shape[0], 1, 1, generator=g)
             noise.append(n)
             timesteps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (), generator=g))
-        index, flip = index.to(self.device), torch.tensor(flips, device=self.device)[:, None, None, None]
+        index, flip, eps, noise, timesteps = upload(
+            self.device, index, torch.tensor(flips)[:, None, None, None], torch.stack(eps), torch.stack(noise),
+            torch.stack(timesteps))
         mean = torch.where(flip, cache["mean_flip"][index], cache["mean"][index])
         std = torch.where(flip, cache["std_flip"][index], cache["std"][index])
-        latents = (mean + std * torch.stack(eps).to(self.device)) * self.vae.config.scaling_factor
-        return latents, torch.stack(noise).to(self.device), torch.stack(timesteps).to(self.device)
+        return (mean + std * eps) * self.vae.config.scaling_factor, noise, timesteps
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # indices stay on the CPU, where they are used; _items uploads what the GPU needs
 
     def training_step(self, batch, batch_idx):
         if self.caption_embeddings is None and not self.text_encoder_trained():
@@ -197,25 +201,27 @@ class DreamBooth(pl.LightningModule):
         positions = batch["position"].tolist()
         n_inst, n_cls = len(batch["instance"]), len(batch["class"])
         parts = [self._items(self.instance_latents, batch["instance"], positions, "instance")]
-        caption_ids = [self.instance_caption[batch["instance"].cpu()]]
+        caption_ids = [self.instance_caption[batch["instance"]]]
         if n_cls:
             parts.append(self._items(self.class_latents, batch["class"], positions, "class"))
-            caption_ids.append(self.class_caption[batch["class"].cpu()])
+            caption_ids.append(self.class_caption[batch["class"]])
         latents, noise, timesteps = (torch.cat(t) for t in zip(*parts))
         caption_ids = torch.cat(caption_ids)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.caption_embeddings is None:
             context = self._embed([self.captions[i] for i in caption_ids.tolist()])
         else:
-            context = self.caption_embeddings[caption_ids.to(self.device)]
+            context = self.caption_embeddings[upload(self.device, caption_ids)[0]]
         pred = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
         loss = instance_loss = F.mse_loss(pred[:n_inst].float(), noise[:n_inst].float())
+        prior_loss = torch.full_like(loss, float("nan"))
         self.log("instance_loss", instance_loss)
         if n_cls:
             prior_loss = F.mse_loss(pred[n_inst:].float(), noise[n_inst:].float())
             loss = loss + self.s["prior_loss_weight"] * prior_loss
             self.log("prior_loss", prior_loss)
         self.log("loss", loss, prog_bar=True)
+        self.losses = torch.stack([loss, instance_loss, prior_loss]).detach()  # read by Progress, no sync here
         return loss
 
     def configure_optimizers(self):
@@ -288,6 +294,13 @@ def make_optimizer(groups: list[dict], settings: dict, device: torch.device) -> 
     return speed.optimizer(groups, settings, device)
 
 
+def upload(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """CPU tensors to the device, on CUDA from pinned memory without waiting for the GPU."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+
+
 def at_step_end(trainer, batch_idx: int) -> bool:
     """This micro-batch completed an optimizer step."""
     return (batch_idx + 1) % trainer.accumulate_grad_batches == 0
@@ -338,10 +351,12 @@ class SaveState(pl.Callback):
 
 
 class Progress(pl.Callback):
-    """A bar over optimizer steps (so rate and ETA are right after a resume) and a loss CSV."""
+    """A bar over optimizer steps (so rate and ETA are right after a resume) and a loss CSV.
+    Reading a loss waits for the GPU, so the rows are collected on the device and written every
+    `every` steps and before each state save (a resume then finds every row up to its step)."""
 
-    def __init__(self, workdir: Path):
-        self.csv = Path(workdir) / "loss.csv"
+    def __init__(self, workdir: Path, every: int = 25):
+        self.csv, self.every, self.pending = Path(workdir) / "loss.csv", every, []
 
     def on_train_start(self, trainer, module):
         from tqdm import tqdm
@@ -356,18 +371,32 @@ class Progress(pl.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if not (trainer.is_global_zero and at_step_end(trainer, batch_idx)):
             return
-        m = trainer.callback_metrics
-        loss = float(m["loss"])
+        step = trainer.global_step
+        self.pending.append((step, module.losses))
+        self.bar.update(step - self.bar.n)
+        if step % self.every == 0 or step == trainer.max_steps:
+            loss = self.flush()
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            if step % 50 == 0 or step == trainer.max_steps:
+                log.info("step %d/%d loss %.4f (%s)", step, trainer.max_steps, loss, self.bar.format_dict.get("rate"))
+
+    def flush(self) -> float:
+        """Write the pending rows; the last step's loss."""
+        if not self.pending:
+            return float("nan")
+        values = torch.stack([v for _, v in self.pending]).tolist()
         with self.csv.open("a") as f:
-            f.write(f"{trainer.global_step},{loss:.6f},{float(m['instance_loss']):.6f},"
-                    f"{float(m.get('prior_loss', float('nan'))):.6f}\n")
-        self.bar.set_postfix(loss=f"{loss:.4f}")
-        self.bar.update(trainer.global_step - self.bar.n)
-        if trainer.global_step % 50 == 0 or trainer.global_step == trainer.max_steps:
-            log.info("step %d/%d loss %.4f (%s)", trainer.global_step, trainer.max_steps, loss, self.bar.format_dict.get("rate"))
+            f.writelines(f"{step},{a:.6f},{b:.6f},{c:.6f}\n" for (step, _), (a, b, c) in zip(self.pending, values))
+        self.pending = []
+        return values[-1][0]
+
+    def on_save_checkpoint(self, trainer, module, ckpt):
+        if trainer.is_global_zero:
+            self.flush()
 
     def on_train_end(self, trainer, module):
         if trainer.is_global_zero:
+            self.flush()
             self.bar.close()
 
 
@@ -485,7 +514,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     saver = SaveState(state_dir, settings["save_state_every_n_steps"])
     sampler = SampleGrid(workdir, settings)
     logger = tensorboard_logger(workdir)
-    # the state is saved last, so a kill after it finds this step's loss row, grid and checkpoint written
+    # the state is saved last, so a kill after it finds this step's grid and checkpoint written
     callbacks = [Progress(workdir), sampler,
                  SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"]), saver]
     if logger:
@@ -498,7 +527,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         precision=precision(settings["precision"]),
         accumulate_grad_batches=settings["gradient_accumulation_steps"],
         gradient_clip_val=settings["max_grad_norm"] or None,
-        callbacks=callbacks, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+        callbacks=callbacks, logger=logger, log_every_n_steps=25, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False)
     try:
