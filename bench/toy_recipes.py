@@ -47,7 +47,7 @@ def main():
     model, tokenizer = str(ROOT / c["base_model"]), str(ROOT / c["tokenizer"])
     classifier = Path(model).parent / evaluate.CLASSIFIER_FILE
     example_photos.write(out / "photos")
-    prepare.run(out / "photos", out / "instance", 64, "pad", "white", c["instance_prompt"])
+    prepare.run(out / "photos", out / "instance", 64, c["prepare"]["mode"], "white", c["instance_prompt"])
     ci = c["class_images"]
     class_images.run(model, tokenizer, out / "class", out / "class.json", ci["num_class_images"],
                      ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
@@ -56,7 +56,7 @@ def main():
     for name, change in recipes(demo).items():
         slug = "".join(ch if ch.isalnum() else "-" for ch in name)
         settings = {**demo, **change, "sample_every_n_steps": 0}
-        trained = train.run(model, tokenizer, out / "instance", out / "class.json", settings,
+        trained = train.run(model, tokenizer, [(out / "instance", out / "class.json")], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
                          c["instance_prompt"], ci["class_prompt"], c["class_word"], list(range(a.seeds)),
