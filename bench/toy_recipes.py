@@ -30,7 +30,9 @@ def recipes(demo: dict) -> dict:
         "diffusers recipe": DIFFUSERS,
         f"ours, {steps // 2} steps": {"max_steps": steps // 2},
         f"ours, {steps * 2} steps": {"max_steps": steps * 2},
-        "ours, lr x0.3": {"learning_rate": demo["learning_rate"] * 0.3},
+        "ours, frozen text encoder": {"train_text_encoder": False},
+        "ours, lr x0.3": {"learning_rate": demo["learning_rate"] * 0.3,
+                          "text_encoder_learning_rate": demo["text_encoder_learning_rate"] * 0.3},
         "ours, prior_loss_weight 0": {"prior_loss_weight": 0.0},
         "ours, prior_loss_weight 3": {"prior_loss_weight": 3.0},
     }
@@ -63,13 +65,16 @@ def main():
                          20, 5.0, out / slug / "evaluation.png")
         rows.append((name, settings, r))
     keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift"]
-    print("| recipe | steps | lr | prior_loss_weight | " + " | ".join(keys) + " |")
+    print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | " + " | ".join(keys) + " |")
     print("|---" * (4 + len(keys)) + "|")
     base = rows[0][2]["before"]
     print("| base model (before) | 0 | - | - | " + " | ".join(f"{base[k]:.2f}" for k in keys) + " |")
     for name, s, r in rows:
-        print(f"| {name} | {s['max_steps']} | {s['learning_rate']:g} | {s['prior_loss_weight']:g} | "
+        te = f" / {s['text_encoder_learning_rate'] or s['learning_rate']:g}" if s["train_text_encoder"] else " / frozen"
+        print(f"| {name} | {s['max_steps']} | {s['learning_rate']:g}{te} | {s['prior_loss_weight']:g} | "
               + " | ".join(f"{r['after'][k]:.2f}" for k in keys) + " |")
+    print(f"\nReference: the base model prompted \"{rows[0][2]['described_prompt']}\": subject fidelity "
+          f"{rows[0][2]['described']:.2f}")
     (out / "summary.json").write_text(json.dumps([{"recipe": n, "settings": s, **r} for n, s, r in rows], indent=1))
 
 

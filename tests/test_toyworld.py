@@ -87,13 +87,16 @@ def test_scores_count_the_subject_only_when_shape_colour_and_pattern_all_match()
     assert s["language_drift"] == 0.5
 
 
-def test_the_demo_runs_on_the_committed_model_and_keeps_the_class_diverse(tmp_path, example_photos):
-    """The demo's settings (config/config.yaml) on the committed model, evaluated on 8 seeds.
+def test_the_demo_learns_the_subject_on_the_committed_model_and_keeps_the_class_diverse(tmp_path, example_photos):
+    """The demo's settings (config/config.yaml) on the committed model, evaluated on 16 seeds.
 
-    The CPU-pretrained toy model follows prompts only weakly (docs/quality.md), so subject
-    fidelity is reported, not asserted; what is asserted holds for it: the subject is read from
-    the photos, and after finetuning class samples still show stars in several colours (8
-    colours drawn equally often give entropy 1, one colour 0; the base model gives 0.64).
+    Thresholds, from docs/quality.md: the base model draws the purple dotted star for "a photo of
+    zxq star" in at most 1 of 16 seeds (0.06), and, told "a photo of a purple dotted star" in
+    words, in 0.31; the demo finetune reaches 0.25 (2 threads) or 0.31 (1 thread). Asserted:
+    fidelity at least 0.15 (half the described reference, room for float differences across
+    CPUs) and above the base model's; purple, the attribute the base model never gives the class,
+    in at least 0.4 of the subject samples (base 0.06, demo 0.69); and class samples still show
+    stars in several colours (8 colours drawn equally often give entropy 1, one colour 0).
     """
     _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
     c = chars["example"]
@@ -108,8 +111,11 @@ def test_the_demo_runs_on_the_committed_model_and_keeps_the_class_diverse(tmp_pa
                         tmp_path / "state", tmp_path / "work", tmp_path / "trained.safetensors")
     r = evaluate.run(trained, model, tokenizer, TOY / evaluate.CLASSIFIER_FILE, instance,
                      tmp_path / "evaluation.json", c["instance_prompt"], ci["class_prompt"],
-                     c["class_word"], list(range(8)), 20, 5.0)
+                     c["class_word"], list(range(16)), 20, 5.0)
     assert r["subject"] == {"shape": "star", "colour": "purple", "pattern": "dotted"}
     assert json.loads((tmp_path / "evaluation.json").read_text()) == r
+    assert r["after"]["subject_fidelity"] >= 0.15, r
+    assert r["after"]["subject_fidelity"] > r["before"]["subject_fidelity"], r
+    assert r["after"]["subject_attributes"]["colour"] >= 0.4, r
     assert r["after"]["class_shape_rate"] >= 0.5, r
     assert r["after"]["class_colour_entropy"] >= 0.5, r

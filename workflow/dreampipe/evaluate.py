@@ -144,24 +144,34 @@ def subject_of(preds: list[dict]) -> dict:
     return {k: Counter(p[k] for p in preds).most_common(1)[0][0] for k in SUBJECT_KEYS}
 
 
-def scores(instance: list[dict], klass: list[dict], subject: dict, class_word: str) -> dict:
-    def share(preds, keys):
-        return sum(all(p[k] == subject[k] for k in keys) for p in preds) / len(preds)
+def described_prompt(subject: dict) -> str:
+    """The subject in words, as the toy world's captions say it: "a photo of a purple dotted star"."""
+    words = [subject["colour"], subject["pattern"] if subject["pattern"] != "plain" else "", subject["shape"]]
+    return "a photo of a " + " ".join(w for w in words if w)
 
+
+def share(preds: list[dict], subject: dict, keys=SUBJECT_KEYS) -> float:
+    """The share of predictions that match the subject in all of `keys`."""
+    return sum(all(p[k] == subject[k] for k in keys) for p in preds) / len(preds)
+
+
+def scores(instance: list[dict], klass: list[dict], subject: dict, class_word: str) -> dict:
     return {
-        "subject_fidelity": share(instance, SUBJECT_KEYS),
-        "subject_attributes": {k: share(instance, [k]) for k in SUBJECT_KEYS},
+        "subject_fidelity": share(instance, subject),
+        "subject_attributes": {k: share(instance, subject, [k]) for k in SUBJECT_KEYS},
         "class_shape_rate": sum(p["shape"] == class_word for p in klass) / len(klass),
         "class_colour_entropy": entropy([p["colour"] for p in klass], toyworld.ATTRIBUTES["colour"]),
         "class_pattern_entropy": entropy([p["pattern"] for p in klass], toyworld.ATTRIBUTES["pattern"]),
-        "language_drift": share(klass, ("colour", "pattern")),
+        "language_drift": share(klass, subject, ("colour", "pattern")),
     }
 
 
 def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_dir: Path,
         out: Path, instance_prompt: str, class_prompt: str, class_word: str, seeds: list[int],
         steps: int, guidance_scale: float, grid_path: Path | None = None) -> dict:
-    """Score base and finetuned model on the same seeds; write JSON and a markdown table."""
+    """Score base and finetuned model on the same seeds; write JSON and a markdown table.
+    "described" is the reference: the base model prompted with the subject in words, which is
+    about the best fidelity to expect of it without finetuning."""
     from . import checkpoint, sampling
     from .images import grid, save_atomic
 
@@ -170,17 +180,22 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
     instance_preds = net.predict([Image.open(Path(instance_dir) / m["file"]) for m in manifest])
     subject = subject_of(instance_preds)
     result = {"subject": subject, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
+              "described_prompt": described_prompt(subject),
               "seeds": list(seeds), "steps": steps, "guidance_scale": guidance_scale}
     pictures = []
+
+    def draw(model, label, prompt):
+        images = sampling.generate(model, [prompt] * len(seeds), list(seeds), resolution=64, steps=steps,
+                                   guidance_scale=guidance_scale)
+        pictures.extend((im, f"{label}: {prompt} #{s}") for im, s in zip(images, seeds))
+        return net.predict(images)
+
     for label, path in (("before", base_model_path), ("after", model_path)):
         model = checkpoint.load(path, tokenizer=tokenizer).to(sampling.pick_device())
-        images = {}
-        for key, prompt in (("instance", instance_prompt), ("class", class_prompt)):
-            images[key] = sampling.generate(model, [prompt] * len(seeds), list(seeds), resolution=64,
-                                            steps=steps, guidance_scale=guidance_scale)
-            pictures += [(im, f"{label}: {prompt} #{s}") for im, s in zip(images[key], seeds)]
-        result[label] = scores(net.predict(images["instance"]), net.predict(images["class"]),
+        result[label] = scores(draw(model, label, instance_prompt), draw(model, label, class_prompt),
                                subject, class_word)
+        if label == "before":
+            result["described"] = share(draw(model, "base", result["described_prompt"]), subject)
     write_json(result, Path(out))
     Path(out).with_suffix(".md").write_text(markdown(result))
     if grid_path:
@@ -202,4 +217,6 @@ def markdown(result: dict) -> str:
              f"{len(result['seeds'])} seeds, {result['steps']} DDIM steps, guidance "
              f"{result['guidance_scale']}.", "", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {b[k]:.2f} | {a[k]:.2f} |" for name, k in rows]
+    lines += ["", f"Reference: the base model prompted \"{result['described_prompt']}\" draws the subject "
+              f"in {result['described']:.2f} of the seeds."]
     return "\n".join(lines) + "\n"

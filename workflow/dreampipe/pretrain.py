@@ -31,10 +31,10 @@ MAX_TOKENS = 20
 SAMPLE_PROMPTS = ["a photo of a star", "a photo of a red circle on a white background",
                   "a photo of a blue striped square", "a photo of a yellow dotted triangle",
                   "a photo of a purple striped star", "a photo of a purple dotted star"]
-# Sized for about 25 minutes on one contended CPU core; on a GPU raise the steps (see docs/quality.md).
+# The committed model's settings: about an hour on 2 CPU cores (see docs/quality.md).
 DEFAULTS = {"vae_steps": 1000, "vae_batch_size": 16, "vae_learning_rate": 2e-3, "kl_weight": 1e-6,
             "classifier_steps": 3000, "classifier_reconstructions": 512,
-            "latents": 4096, "unet_steps": 2500, "unet_batch_size": 64, "unet_learning_rate": 1e-3,
+            "latents": 16384, "unet_steps": 12000, "unet_batch_size": 64, "unet_learning_rate": 1e-3,
             "caption_dropout": 0.1, "min_snr_gamma": 5.0, "seed": 0, "cpu_threads": 1}
 
 
