@@ -148,8 +148,9 @@ def test_killed_training_resumes_to_bit_identical_weights(tiny_model, instance, 
 
 def test_sigterm_saves_state_and_exits_with_a_clear_message(tiny_model, instance, tmp_path):
     proc = start(train_command(tiny_model, [(instance, None)], tmp_path,
-                               settings(max_steps=10, save_state_every_n_steps=0)))
+                               settings(max_steps=60, save_state_every_n_steps=0)))
     csv = tmp_path / "train" / "loss.csv"
+    # the loss rows are written every 25 steps: the first ones mean training is well under way
     wait_for(lambda: csv.exists() and len(csv.read_text().splitlines()) > 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -110,6 +110,9 @@ class DreamBoothData(pl.LightningDataModule):
                            self.settings["max_steps"] * accum, trainer.global_rank, trainer.world_size)
         return DataLoader(data, batch_size=None, num_workers=0)
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # indices stay on the CPU, where they are used; the module uploads what the GPU needs
+
 
 class DreamBooth(pl.LightningModule):
     """Noise-prediction MSE on instance images + prior_loss_weight x the same on class images."""
@@ -191,9 +194,6 @@ class DreamBooth(pl.LightningModule):
         mean = torch.where(flip, cache["mean_flip"][index], cache["mean"][index])
         std = torch.where(flip, cache["std_flip"][index], cache["std"][index])
         return (mean + std * eps) * self.vae.config.scaling_factor, noise, timesteps
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        return batch  # indices stay on the CPU, where they are used; _items uploads what the GPU needs
 
     def training_step(self, batch, batch_idx):
         if self.caption_embeddings is None and not self.text_encoder_trained():
