@@ -144,12 +144,6 @@ def subject_of(preds: list[dict]) -> dict:
     return {k: Counter(p[k] for p in preds).most_common(1)[0][0] for k in SUBJECT_KEYS}
 
 
-def described_prompt(subject: dict) -> str:
-    """The subject in words, as the toy world's captions say it: "a photo of a purple dotted star"."""
-    words = [subject["colour"], subject["pattern"] if subject["pattern"] != "plain" else "", subject["shape"]]
-    return "a photo of a " + " ".join(w for w in words if w)
-
-
 def share(preds: list[dict], subject: dict, keys=SUBJECT_KEYS) -> float:
     """The share of predictions that match the subject in all of `keys`."""
     return sum(all(p[k] == subject[k] for k in keys) for p in preds) / len(preds)
@@ -180,7 +174,7 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
     instance_preds = net.predict([Image.open(Path(instance_dir) / m["file"]) for m in manifest])
     subject = subject_of(instance_preds)
     result = {"subject": subject, "instance_prompt": instance_prompt, "class_prompt": class_prompt,
-              "described_prompt": described_prompt(subject),
+              "described_prompt": toyworld.photo_of(**subject),
               "seeds": list(seeds), "steps": steps, "guidance_scale": guidance_scale}
     pictures = []
 

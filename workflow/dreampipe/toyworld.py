@@ -38,10 +38,15 @@ class Thing:
         def keep():
             return rng is None or rng.random() >= DROP_WORD
 
-        words = [w for w in (self.colour, self.pattern if self.pattern != "plain" else None)
-                 if w and keep()] + [self.shape]
-        text = "a photo of " + _article(words[0]) + " ".join(words)
+        text = photo_of(self.shape, self.colour, self.pattern, keep)
         return text + f" on {_article(self.background)}{self.background} background" if keep() else text
+
+
+def photo_of(shape: str, colour: str, pattern: str, keep=lambda: True) -> str:
+    """"a photo of an orange dotted star": a caption without its background, each attribute word
+    (colour, then pattern unless plain) kept where keep() says so."""
+    words = [w for w in (colour, pattern if pattern != "plain" else None) if w and keep()] + [shape]
+    return "a photo of " + _article(words[0]) + " ".join(words)
 
 
 def _article(word: str) -> str:

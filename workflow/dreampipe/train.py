@@ -30,6 +30,8 @@ from .images import grid, save_atomic, stack
 
 log = logging.getLogger("dreampipe.train")
 STATE_FILE = "last.ckpt"
+# Reading a loss waits for the GPU: the loss CSV and TensorBoard read them every this many steps.
+LOG_EVERY_N_STEPS = 25
 # Settings that change what is written along the way but not the trained weights: changing one
 # resumes the saved state instead of starting over.
 NOT_SHAPING_WEIGHTS = ("sample_every_n_steps", "sample_prompts", "sample_seeds", "sample_steps",
@@ -355,7 +357,7 @@ class Progress(pl.Callback):
     Reading a loss waits for the GPU, so the rows are collected on the device and written every
     `every` steps and before each state save (a resume then finds every row up to its step)."""
 
-    def __init__(self, workdir: Path, every: int = 25):
+    def __init__(self, workdir: Path, every: int = LOG_EVERY_N_STEPS):
         self.csv, self.every, self.pending = Path(workdir) / "loss.csv", every, []
 
     def on_train_start(self, trainer, module):
@@ -527,7 +529,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         precision=precision(settings["precision"]),
         accumulate_grad_batches=settings["gradient_accumulation_steps"],
         gradient_clip_val=settings["max_grad_norm"] or None,
-        callbacks=callbacks, logger=logger, log_every_n_steps=25, enable_checkpointing=False,
+        callbacks=callbacks, logger=logger, log_every_n_steps=LOG_EVERY_N_STEPS, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False)
     try:
