@@ -45,8 +45,9 @@ def main(size: str, compile: str, batch: int, batches: int, steps: int):
         make(list(range(r * batch, (r + 1) * batch)))
     synchronize()
     sec = (time.perf_counter() - t0) / max(1, batches - 1)
-    a = np.stack([np.asarray(im, dtype=np.float32) for im in eager])
-    b = np.stack([np.asarray(im, dtype=np.float32) for im in first[:4]])
+    n = min(4, batch)
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in eager[:n]])
+    b = np.stack([np.asarray(im, dtype=np.float32) for im in first[:n]])
     save(f"class-images-{compile}", {
         "size": size, "compile": compile, "batch": batch, "steps": steps, "img_s": batch / sec,
         "first_batch_s": first_s, "peak_gib": peak_gib(),

@@ -157,7 +157,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("profile", choices=["default", "low_memory", "curve"])
     p.add_argument("--size", choices=["sd1", "tiny"], default="sd1")
-    p.add_argument("--compile", choices=["auto", "blocks", "unet", "false"], default="auto")
+    p.add_argument("--compile", choices=["auto", "graphs", "blocks", "unet", "false"], default="auto")
     p.add_argument("--warm", type=int, default=10, help="steps before the timed ones")
     p.add_argument("--steps", type=int, default=50, help="timed steps (curve: steps of each run)")
     a = p.parse_args()

@@ -21,9 +21,9 @@ from .errors import DreampipeError
 from .files import write_json
 
 KEYWORDS = ("generate", "instance", "none")
-# Compiling the UNet's blocks pays for itself from about this many images x sampling steps
-# (docs/benchmarks.md); below it the GPU samples eagerly.
-COMPILE_FROM_IMAGE_STEPS = 3200
+# Compiling the UNet's blocks (27 s with cold caches on an H200) pays for itself from about this
+# many images x sampling steps (250 images at 50 steps; docs/benchmarks.md); below, the GPU samples eagerly.
+COMPILE_FROM_IMAGE_STEPS = 12500
 
 
 def source(class_data: str, character_file) -> str:

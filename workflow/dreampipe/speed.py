@@ -3,9 +3,11 @@
 Training on a GPU (precision auto or bf16-mixed): the trained networks hold bf16 weights and
 AdamWBF16 keeps them faithful (fp32 arithmetic, stochastic rounding, so that updates far below a
 bf16 ulp still add up); frozen networks keep the dtype they were loaded in, so they are written
-out exactly as loaded. The UNet is channels-last and compiled block by block by default. The low-memory profile adds gradient checkpointing and runs each weight's optimizer
-step inside the backward pass, so gradients are never all held at once.
-Sampling on a GPU: bf16, channels-last, the UNet compiled block by block.
+out exactly as loaded. The UNet is channels-last, and its forward and backward are replayed as
+CUDA graphs (no compile: the eager step is launch-bound). The low-memory profile adds gradient
+checkpointing and runs each weight's optimizer step inside the backward pass, so gradients are
+never all held at once.
+Sampling on a GPU: bf16, channels-last; the UNet compiled block by block for long jobs.
 """
 
 from __future__ import annotations
@@ -31,18 +33,21 @@ def bf16_weights(settings: dict, device) -> bool:
 REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
-def compile_scope(settings: dict) -> str | None:
-    """`train.compile`: auto = blocks (eager in the low-memory profile, whose per-weight optimizer
-    steps need the eager backward); false = eager; blocks = each repeated block compiled alone;
-    unet = the whole UNet as one graph with CUDA graphs."""
+def compile_scope(settings: dict, world_size: int = 1) -> str | None:
+    """`train.compile`: graphs = the UNet's forward and backward replayed as CUDA graphs, nothing
+    compiled; blocks = each repeated block compiled alone; unet = the whole UNet compiled, with CUDA
+    graphs; false = eager. auto = graphs on one GPU, blocks under DDP, eager in the low-memory
+    profile (whose per-weight optimizer steps run inside the eager backward)."""
     scope = settings.get("compile", "auto")
     if scope == "auto":
-        return None if settings.get("low_memory") else "blocks"
+        return None if settings.get("low_memory") else "graphs" if world_size == 1 else "blocks"
     return scope or None
 
 
 def compile_unet(unet: torch.nn.Module, scope: str) -> None:
     """Compile the UNet in place (state_dict keys unchanged): whole (CUDA graphs) or block by block."""
+    if scope == "graphs":
+        return  # see GraphedUNet
     if scope == "unet":
         compile_module(unet, "reduce-overhead")
         return
@@ -82,10 +87,51 @@ def eager():
     return torch.compiler.set_stance("force_eager")
 
 
-def prepare_training(model, settings: dict, device) -> None:
-    """Ready a StableDiffusion model, already on `device`, for training."""
+class GraphedUNet:
+    """The UNet's training forward and backward replayed as CUDA graphs (make_graphed_callables):
+    the eager step is launch-bound (thousands of small kernels), and this removes the launches
+    without compiling anything. A graph has fixed shapes: one is captured per input signature
+    (e.g. the text context needs a gradient until text_encoder_steps, then not). It runs in the
+    UNet's bf16 without autocast; fp32 weights keep the step's autocast, without its cache, which
+    graphs cannot hold."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet, self.graphs = unet, {}
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.unet(sample, timesteps, encoder_hidden_states=context).sample
+        dtype = next(self.unet.parameters()).dtype
+        args = (sample.to(dtype), timesteps, context.to(dtype))
+        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
+        mixed = dtype == torch.float32 and torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=mixed, cache_enabled=False):
+            if key not in self.graphs:
+                statics = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+                self.graphs[key] = torch.cuda.make_graphed_callables(_UNetCall(self.unet), statics,
+                                                                     allow_unused_input=True)
+            return self.graphs[key](*args)
+
+
+class _UNetCall(torch.nn.Module):
+    """The UNet as a function of tensors only, as make_graphed_callables needs."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timesteps, context):
+        return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def prepare_training(model, settings: dict, device, world_size: int = 1):
+    """Ready a StableDiffusion model, already on `device`, for training; returns the UNet call of
+    the training step: f(noisy latents, timesteps, text context) -> predicted noise."""
+    def plain(sample, timesteps, context):
+        return model.unet(sample, timesteps, encoder_hidden_states=context).sample
+
     if not on_gpu(device):
-        return
+        return plain
     if bf16_weights(settings, device):
         model.unet.to(dtype=torch.bfloat16)
         if settings["train_text_encoder"]:
@@ -93,14 +139,15 @@ def prepare_training(model, settings: dict, device) -> None:
     model.unet.to(memory_format=torch.channels_last)
     if settings.get("low_memory"):
         model.unet.enable_gradient_checkpointing()
-    scope = compile_scope(settings)
+    scope = compile_scope(settings, world_size)
     if scope:
         compile_unet(model.unet, scope)
+    return GraphedUNet(model.unet) if scope == "graphs" else plain
 
 
 def prepare_sampling(model, device, scope: str | None = "blocks") -> None:
     """Ready a StableDiffusion model, already on `device` in its sampling dtype, for sampling;
-    scope as in compile_unet, None = eager."""
+    scope blocks or unet as in compile_unet, None = eager."""
     if not on_gpu(device):
         return
     model.unet.to(memory_format=torch.channels_last)

@@ -220,7 +220,7 @@ class DreamBooth(pl.LightningModule):
             context = self._embed([self.captions[i] for i in caption_ids.tolist()])
         else:
             context = self.caption_embeddings[upload(self.device, caption_ids)[0]]
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        pred = self.unet_call(noisy, timesteps, context)
         loss = instance_loss = F.mse_loss(pred[:n_inst].float(), noise[:n_inst].float())
         prior_loss = torch.full_like(loss, float("nan"))
         self.log("instance_loss", instance_loss)
@@ -235,7 +235,7 @@ class DreamBooth(pl.LightningModule):
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
-        speed.prepare_training(self.sd, self.s, self.device)
+        self.unet_call = speed.prepare_training(self.sd, self.s, self.device, self.trainer.world_size)
         factor = lr_factor(self.s, self.trainer.world_size, len(self.trainer.datamodule.instance_captions))
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
                    "lr": self.s["learning_rate"] * factor}]
