@@ -73,8 +73,8 @@ def load(path, tokenizer) -> StableDiffusion:
     from . import checkpoint, speed
 
     device = pick_device()
-    model = checkpoint.load(path, tokenizer=tokenizer)
-    model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = checkpoint.load(path, tokenizer=tokenizer, device=device,
+                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     speed.prepare_sampling(model, device, scope=None)
     return model
 

@@ -153,6 +153,7 @@ class DreamBooth(pl.LightningModule):
         self.caption_embeddings = None
         if not self.text_encoder_trained():
             self.cache_captions()
+        log.info("latents of %d images cached", len(dm.instance_images) + len(dm.class_images))
 
     def cache_captions(self):
         """Embed every caption once: the text encoder is frozen, from the start or since text_encoder_steps."""
@@ -463,7 +464,7 @@ class Progress(pl.Callback):
         if step % self.every == 0 or step == trainer.max_steps:
             loss = self.flush()
             self.bar.set_postfix(loss=f"{loss:.4f}")
-            if step % 50 == 0 or step == trainer.max_steps:
+            if step % 50 == 0 or step == trainer.max_steps or step == self.every:
                 log.info("step %d/%d loss %.4f (%s)", step, trainer.max_steps, loss, self.bar.format_dict.get("rate"))
 
     def flush(self) -> float:
@@ -546,8 +547,10 @@ class WriteModel(pl.Callback):
         if step < trainer.max_steps or not trainer.is_global_zero:
             return
         module.with_ema_weights(lambda: self.sampler.write(module, step))
-        checkpoint.save(module.sd, self.out, dtype="fp32", metadata={"dreampipe.steps": step},
+        # each network in the dtype it holds: exact, and half the bytes of fp32 for a bf16 UNet
+        checkpoint.save(module.sd, self.out, dtype=None, metadata={"dreampipe.steps": step},
                         unet_weights=module.trained_unet())
+        log.info("model written to %s", self.out)
         self.written = True
 
 
@@ -611,7 +614,10 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         workdir.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(settings["seed"], verbose=False)
-    model = checkpoint.load(model_path, tokenizer=tokenizer)
+    # on one GPU the model goes there at once, in the file's dtype, and is cast there
+    one_gpu = world == 1 and torch.cuda.is_available() and not isinstance(settings["devices"], list)
+    model = checkpoint.load(model_path, tokenizer=tokenizer, device="cuda" if one_gpu else None)
+    log.info("loaded %s", model_path)
     data = DreamBoothData(subjects, settings)
     module = DreamBooth(model, settings)
     saver = SaveState(state_dir, settings["save_state_every_n_steps"], settings["save_state_every_n_minutes"])
