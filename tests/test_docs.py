@@ -2,6 +2,10 @@
 
 import re
 
+import jsonschema
+import pytest
+import yaml
+
 from conftest import ROOT
 from dreampipe import config
 
@@ -23,3 +27,62 @@ def test_shipped_config_and_example_character_are_valid(tmp_path):
     cfg = config.read_yaml(ROOT / "config" / "config.yaml")
     _, characters = config.load(cfg, ROOT)
     assert "example" in characters
+
+
+# Annotation keywords beside the validating ones: any other key in a schema is a slip, such as a
+# description cut at its first comma by a YAML flow mapping, its rest turned into empty keys.
+SCHEMA_KEYWORDS = set(jsonschema.Draft202012Validator.VALIDATORS) | {
+    "$schema", "$id", "$defs", "$comment", "title", "description", "default", "examples", "deprecated"}
+
+
+def schema_nodes(schema: dict, where: str):
+    """(key path, schema) of every property schema, nested ones included."""
+    yield where, schema
+    for key, sub in schema.get("properties", {}).items():
+        yield from schema_nodes(sub, f"{where}.{key}")
+    if isinstance(schema.get("items"), dict):
+        yield from schema_nodes(schema["items"], f"{where}[]")
+
+
+def readme_meanings() -> dict[str, str]:
+    """{key: meaning} of every row of config/README.md, split on unescaped pipes."""
+    rows = {}
+    for line in (ROOT / "config" / "README.md").read_text().splitlines():
+        cells = [c.strip().replace(r"\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 3 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[2]
+    return rows
+
+
+@pytest.mark.parametrize("name", ["config", "character"])
+def test_every_schema_key_is_a_json_schema_keyword(name):
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / f"{name}.schema.yaml").read_text())
+    for where, node in schema_nodes(schema, name):
+        assert set(node) <= SCHEMA_KEYWORDS, f"{where}: unknown schema keys {set(node) - SCHEMA_KEYWORDS}"
+
+
+def test_each_description_reaches_config_readme_whole():
+    config_schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    char_schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "character.schema.yaml").read_text())
+    expected = {k: p["description"] for k, p in char_schema["properties"].items() if "description" in p}
+    for key, prop in config_schema["properties"].items():
+        for sub, p in prop.get("properties", {key: prop}).items():
+            expected[f"{key}.{sub}" if sub != key else key] = p["description"]
+    meanings = readme_meanings()
+    for key, description in expected.items():
+        assert meanings[key] == " ".join(description.split()), key
+        assert description.rstrip().endswith("."), f"{key}: description cut short: {description!r}"
+
+
+def test_a_description_with_a_pipe_stays_in_its_table_cell(monkeypatch):
+    real = config._schema
+
+    def schema(name):
+        s = real(name)
+        if name == "config":
+            s["properties"]["results"]["description"] = "a | b, c: d"
+        return s
+
+    monkeypatch.setattr(config, "_schema", schema)
+    rows = [line for line in config.reference_markdown().splitlines() if line.startswith("| `results`")]
+    assert [c.strip() for c in re.split(r"(?<!\\)\|", rows[0])[1:-1]] == ["`results`", '`"results"`', r"a \| b, c: d"]
