@@ -86,3 +86,23 @@ def test_a_description_with_a_pipe_stays_in_its_table_cell(monkeypatch):
     monkeypatch.setattr(config, "_schema", schema)
     rows = [line for line in config.reference_markdown().splitlines() if line.startswith("| `results`")]
     assert [c.strip() for c in re.split(r"(?<!\\)\|", rows[0])[1:-1]] == ["`results`", '`"results"`', r"a \| b, c: d"]
+
+
+def rules_asking_a_gpu() -> set[str]:
+    names = set()
+    for smk in (ROOT / "workflow" / "rules").glob("*.smk"):
+        for block in re.split(r"^rule ", smk.read_text(), flags=re.M)[1:]:
+            if re.search(r"^\s+gpu=1,", block, re.M):
+                names.add(block.split(":")[0])
+    return names
+
+
+def test_readme_and_the_slurm_profile_name_every_rule_that_asks_a_gpu():
+    gpu = rules_asking_a_gpu()
+    assert {"class_images", "train", "sample", "evaluate"} <= gpu
+    cluster = (ROOT / "README.md").read_text().split("## Running on a cluster")[1].split("\n## ")[0]
+    [bullet] = [b for b in cluster.split("\n- ") if b.startswith("**GPUs.**")]
+    sentence = bullet.split(" declare `gpu=1`")[0]
+    assert set(re.findall(r"`(\w+)`", sentence)) == gpu
+    profile = yaml.safe_load(next((ROOT / "profiles" / "slurm").glob("*.yaml")).read_text())
+    assert gpu <= set(profile["set-resources"]), "a GPU job would get the 2 GB of the CPU steps"
