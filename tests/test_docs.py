@@ -106,3 +106,35 @@ def test_readme_and_the_slurm_profile_name_every_rule_that_asks_a_gpu():
     assert set(re.findall(r"`(\w+)`", sentence)) == gpu
     profile = yaml.safe_load(next((ROOT / "profiles" / "slurm").glob("*.yaml")).read_text())
     assert gpu <= set(profile["set-resources"]), "a GPU job would get the 2 GB of the CPU steps"
+
+
+def quality_results() -> tuple[str, list[dict]]:
+    """docs/quality.md and the rows of its Results table, numbers as floats."""
+    text = (ROOT / "docs" / "quality.md").read_text()
+    lines = [line for line in text.split("## Results")[1].splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = []
+    for line in lines[2:]:
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        rows.append({h: float(c) if re.fullmatch(r"\d+\.\d+", c) else c for h, c in zip(header, cells)})
+    return text, rows
+
+
+def test_quality_doc_says_what_its_table_shows():
+    text, rows = quality_results()
+    base, *recipes = rows
+    assert base["recipe"].startswith("base model") and len(recipes) >= 5
+    # every range the prose quotes ("class shape rate 0.88-1.00") spans the finetuned recipes
+    quoted = re.findall(r"(subject fidelity|class shape rate|class colour entropy|class pattern entropy|"
+                        r"language drift) (\d\.\d\d)-(\d\.\d\d)", " ".join(text.split()))
+    assert quoted
+    for column, low, high in quoted:
+        values = [r[column] for r in recipes]
+        assert (float(low), float(high)) == (min(values), max(values)), column
+    # the described reference is what the base model draws when told in words, not a ceiling
+    reference = float(re.search(r"draws the subject in \*\*(\d\.\d\d)\*\*", text).group(1))
+    if max(r["subject fidelity"] for r in recipes) > reference:
+        assert not re.search(r"can(not| ?n't)? exceed|at most about", text), "a recipe beats the 'limit'"
+    # overfitting to the subject shows as class samples turning into it (language drift)
+    if all(r["language drift"] <= base["language drift"] for r in recipes):
+        assert "overfit" not in text
