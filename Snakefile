@@ -11,7 +11,13 @@ min_version("9.19")  # pyproject.toml's floor: the first to read profiles/*/prof
 # The package beside this Snakefile, also when it is a module of a Snakefile elsewhere (README,
 # "Deploy"). Jobs run it too, through workflow/bin/dreampipe, in whatever software environment
 # they get (--sdm conda or apptainer provide the dependencies only).
-PACKAGE = Path(workflow.current_basedir) / "workflow"
+try:
+    PACKAGE = Path(workflow.current_basedir) / "workflow"
+except TypeError:  # a github() module: Snakemake fetches its Snakefiles, not the package
+    sys.exit(
+        "dreampipe: error: give the module's snakefile as the path of a clone's Snakefile "
+        "(git clone --branch <tag> <repository>), not github(): see README, Deploy"
+    )
 sys.path.insert(0, str(PACKAGE))
 for var, folder in (("PATH", PACKAGE / "bin"), ("PYTHONPATH", PACKAGE)):
     os.environ[var] = os.pathsep.join(filter(None, [str(folder), os.environ.get(var)]))
@@ -20,6 +26,10 @@ from dreampipe.errors import DreampipeError
 
 
 configfile: "config/config.yaml"
+
+
+# The image of --sdm apptainer: `make image` builds it from the Dockerfile (README, "Deploy").
+container: "docker-daemon://dreampipe:0.1.0"
 
 
 report: "workflow/report/workflow.rst"

@@ -88,3 +88,53 @@ def test_profiles_use_the_file_name_snakemake_9_documents():
         assert get_profile_dir(str(profile))[1].name == "profile.yaml"
     # profile.yaml is read from Snakemake 9.19 on (older ones read only config.yaml)
     assert tuple(map(int, snakefile_min_version().split("."))) >= (9, 19)
+
+
+# pyproject.toml's name of a runtime dependency -> its conda-forge name
+CONDA_NAMES = {"torch": "pytorch", "matplotlib": "matplotlib-base"}
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_the_conda_environment_holds_pyprojects_dependencies_from_conda_forge_only():
+    """Conda itself is not on this machine: the file is checked against pyproject.toml, not solved.
+    No pip part: a linux-64 pin file (conda's explicit format, conda packages only) then pins it whole."""
+    env = yaml.safe_load((ROOT / "envs" / "dreampipe.yaml").read_text())
+    assert env["channels"] == ["conda-forge", "nodefaults"]
+    assert all(isinstance(d, str) for d in env["dependencies"]), "a pip part cannot be pinned"
+    conda = dict(re.fullmatch(r"([\w.-]+)\s*(.*)", d).groups() for d in env["dependencies"])
+    assert conda.pop("python") == pyproject()["project"]["requires-python"]
+    assert conda.pop("imagemagick") == "", "wand needs ImageMagick's MagickWand, as the Makefile installs"
+    wanted = {}
+    for dep in pyproject()["project"]["dependencies"]:
+        name, bound = re.fullmatch(r"([\w.-]+)(.*)", dep).groups()
+        if name != "snakemake":  # schedules the jobs from outside the environment
+            wanted[CONDA_NAMES.get(name, name.lower())] = bound
+    assert conda == wanted
+
+
+def test_the_container_is_what_make_venv_installs_and_the_snakefile_names_it():
+    """Docker is not running on this machine: the Dockerfile is checked, not built."""
+    version = pyproject()["project"]["version"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    runs = " ".join(re.findall(r"^RUN (.*)", dockerfile, re.M))
+    assert "make venv" in runs, "the Makefile's own target installs the image, so the two cannot drift"
+    copied = " ".join(re.findall(r"^COPY (.*)", dockerfile, re.M))
+    for needed in ("Makefile", "pyproject.toml", pyproject()["project"]["readme"], "workflow"):
+        assert needed in copied.split(), needed
+    image = f"dreampipe:{version}"
+    assert re.search(rf'^container: "docker-daemon://{re.escape(image)}"$', (ROOT / "Snakefile").read_text(), re.M)
+    dry = subprocess.run(["make", "-n", "image"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert f"docker build -t {image} ." in dry
+    dry = subprocess.run(["make", "-n", "venv", "VENV=/opt/venv", "TORCH=torch"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert "libmagickwand" in dry and "/opt/venv/bin/pip install -q 'torch' -e ." in dry
+
+
+def test_the_catalog_file_states_the_usage():
+    catalog = yaml.safe_load((ROOT / ".snakemake-workflow-catalog.yml").read_text())["usage"]
+    assert "--resources gpu=1" in catalog["mandatory-flags"]["flags"]
+    assert catalog["software-stack-deployment"] == {"conda": True, "apptainer": True, "apptainer+conda": False,
+                                                    "report": True}
