@@ -11,9 +11,10 @@ min_version("9.19")  # pyproject.toml's floor: the first to read profiles/*/prof
 # The package beside this Snakefile, also when it is a module of a Snakefile elsewhere (README,
 # "Deploy"). Jobs run it too, through workflow/bin/dreampipe, in whatever software environment
 # they get (--sdm conda or apptainer provide the dependencies only).
+# A github() module has no local folder: Snakemake fetches its Snakefiles, not the package.
 try:
     PACKAGE = Path(workflow.current_basedir) / "workflow"
-except TypeError:  # a github() module: Snakemake fetches its Snakefiles, not the package
+except TypeError:
     sys.exit(
         "dreampipe: error: give the module's snakefile as the path of a clone's Snakefile "
         "(git clone --branch <tag> <repository>), not github(): see README, Deploy"

@@ -16,6 +16,10 @@ from conftest import ROOT, TINY_CONFIG
 BIN = Path(sys.executable).parent
 
 
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
 def snakefile_min_version() -> str:
     return re.search(r'^min_version\("([\d.]+)"\)', (ROOT / "Snakefile").read_text(), re.M).group(1)
 
@@ -75,8 +79,7 @@ use rule * from dreampipe
 
 
 def test_the_snakefile_checks_the_snakemake_version_pyproject_requires():
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    [floor] = [d.split(">=")[1] for d in pyproject["project"]["dependencies"] if d.startswith("snakemake>=")]
+    [floor] = [d.split(">=")[1] for d in pyproject()["project"]["dependencies"] if d.startswith("snakemake>=")]
     assert snakefile_min_version() == floor
 
 
@@ -92,10 +95,6 @@ def test_profiles_use_the_file_name_snakemake_9_documents():
 
 # pyproject.toml's name of a runtime dependency -> its conda-forge name
 CONDA_NAMES = {"torch": "pytorch", "matplotlib": "matplotlib-base"}
-
-
-def pyproject() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
 def test_the_conda_environment_holds_pyprojects_dependencies_from_conda_forge_only():
