@@ -1,27 +1,16 @@
 # dreampipe: photos of a character -> DreamBooth-finetuned Stable Diffusion 1.x model.
 #   snakemake --cores 1 --resources gpu=1
 # Only the standard library, yaml and our config module are imported here, so dry runs are instant.
-import os
 import sys
 
 from snakemake.utils import min_version
 
 min_version("9.19")  # pyproject.toml's floor: the first to read profiles/*/profile.yaml
 
-# The package beside this Snakefile, also when it is a module of a Snakefile elsewhere (README,
-# "Deploy"). Jobs run it too, through workflow/bin/dreampipe, in whatever software environment
-# they get (--sdm conda or apptainer provide the dependencies only).
-# A github() module has no local folder: Snakemake fetches its Snakefiles, not the package.
-try:
-    PACKAGE = Path(workflow.current_basedir) / "workflow"
-except TypeError:
-    sys.exit(
-        "dreampipe: error: give the module's snakefile as the path of a clone's Snakefile "
-        "(git clone --branch <tag> <repository>), not github(): see README, Deploy"
-    )
-sys.path.insert(0, str(PACKAGE))
-for var, folder in (("PATH", PACKAGE / "bin"), ("PYTHONPATH", PACKAGE)):
-    os.environ[var] = os.pathsep.join(filter(None, [str(folder), os.environ.get(var)]))
+
+include: "workflow/rules/package.smk"
+
+
 from dreampipe import config as dpconfig
 from dreampipe.errors import DreampipeError
 

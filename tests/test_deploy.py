@@ -24,27 +24,29 @@ def snakefile_min_version() -> str:
     return re.search(r'^min_version\("([\d.]+)"\)', (ROOT / "Snakefile").read_text(), re.M).group(1)
 
 
-def test_the_workflow_runs_as_a_module_from_a_folder_with_only_config(tmp_path):
-    """What snakedeploy writes, with the module's Snakefile a path to a copy of this checkout
-    instead of github(...). Paths in the config are the user's: relative to their folder, or
-    absolute. The parse and every job import the module's own package, whatever else is installed."""
-    clone = tmp_path / "dreampipe"
-    clone.mkdir()
-    shutil.copy(ROOT / "Snakefile", clone)
+def workflow_copy(folder: Path, marker: Path) -> Path:
+    """What a release of the workflow holds, its package noting each import of it in `marker`."""
+    folder.mkdir()
+    shutil.copy(ROOT / "Snakefile", folder)
     for name in ("workflow", "envs"):
-        shutil.copytree(ROOT / name, clone / name, ignore=shutil.ignore_patterns("__pycache__"))
-    marker = tmp_path / "imported-from"
-    with (clone / "workflow" / "dreampipe" / "__init__.py").open("a") as f:
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    with (folder / "workflow" / "dreampipe" / "__init__.py").open("a") as f:
         f.write(f"\nwith open({str(marker)!r}, 'a') as _f:\n    _f.write(__file__ + '\\n')\n")
-    user = tmp_path / "user"
-    (user / "config" / "characters").mkdir(parents=True)
+    return folder
+
+
+def deployment(folder: Path, module_snakefile: str) -> Path:
+    """A user's folder as `snakedeploy deploy-workflow` leaves it: config/, profiles/ and a
+    workflow/Snakefile using the workflow as a module. Its config's paths are the user's."""
+    (folder / "config" / "characters").mkdir(parents=True)
     config = {**TINY_CONFIG, "class_images": {"class_data": "none"},
               "train": {**TINY_CONFIG["train"], "max_steps": 2}}
-    (user / "config" / "config.yaml").write_text(yaml.safe_dump(config))
-    (user / "config" / "characters" / "example.yaml").write_text(yaml.safe_dump(
+    (folder / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "config" / "characters" / "example.yaml").write_text(yaml.safe_dump(
         {"instance_dir": str(ROOT / "example" / "photos"), "token": "zxq", "class_word": "star"}))
-    (user / "workflow").mkdir()
-    (user / "workflow" / "Snakefile").write_text(f'''\
+    shutil.copytree(ROOT / "profiles", folder / "profiles")
+    (folder / "workflow").mkdir()
+    (folder / "workflow" / "Snakefile").write_text(f'''\
 from snakemake.utils import min_version
 
 min_version("{snakefile_min_version()}")
@@ -55,27 +57,64 @@ configfile: "config/config.yaml"
 
 module dreampipe:
     snakefile:
-        "{clone / 'Snakefile'}"
+        {module_snakefile}
     config:
         config
 
 
 use rule * from dreampipe
 ''')
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    r = subprocess.run([BIN / "snakemake", "--cores", "1", "--resources", "gpu=1"], cwd=user, env=env,
+    return folder
+
+
+def snakemake(folder: Path, *args, **env) -> subprocess.CompletedProcess:
+    """Snakemake as a user runs it: no PYTHONPATH pointing at this checkout."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PATH": f"{BIN}:{os.environ['PATH']}",
+           **env}
+    r = subprocess.run([BIN / "snakemake", "--cores", "1", "--resources", "gpu=1", *args], cwd=folder, env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    imported = set(marker.read_text().splitlines())
-    assert imported == {str(clone / "workflow" / "dreampipe" / "__init__.py")}
-    assert len(marker.read_text().splitlines()) > 4, "the parse and each job"
+    return r
+
+
+def git(*args, cwd: Path) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_a_github_module_as_snakedeploy_writes_it_runs_the_demo_on_its_own_package(tmp_path):
+    """snakedeploy's github(...) module, offline: Snakemake's clone of the repository is put in its
+    source cache beforehand (it fetches nothing while the tag is there). The parse and every job
+    import the package of the release the module names, not this checkout's nor an installed one."""
+    marker = tmp_path / "imported-from"
+    release = workflow_copy(tmp_path / "dreampipe", marker)
+    git("init", "-q", cwd=release)
+    git("add", "-A", cwd=release)
+    git("commit", "-qm", "release", cwd=release)
+    git("tag", "v0.1.0", cwd=release)
+    commit = git("rev-parse", "HEAD", cwd=release)
+    cache = tmp_path / "cache"
+    clone = cache / "snakemake" / "snakemake" / "source-cache" / "snakemake-git-cache" / "github.com" / "someone"
+    git("clone", "-q", "--bare", str(release), str(clone / "dreampipe"), cwd=tmp_path)
+    user = deployment(tmp_path / "user", 'github("someone/dreampipe", path="Snakefile", tag="v0.1.0")')
+
+    snakemake(user, XDG_CACHE_HOME=str(cache))
+    package = user / ".snakemake" / "dreampipe" / commit / "workflow" / "dreampipe"
+    imports = marker.read_text().splitlines()
+    assert set(imports) == {str(package / "__init__.py")} and len(imports) > 4, "the parse and each job"
     out = user / "results" / "example"
     assert (out / "example.safetensors").stat().st_size > 0, "rule all is not the default target"
     assert (out / "samples" / "final.png").exists()
-    r = subprocess.run([BIN / "snakemake", "--report", "results/report.html"], cwd=user, env=env,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
+    snakemake(user, "--report", "results/report.html", XDG_CACHE_HOME=str(cache))
     assert "results/example/samples/final.png" in (user / "results" / "report.html").read_text()
+
+
+def test_a_module_given_by_path_parses_with_its_own_package(tmp_path):
+    marker = tmp_path / "imported-from"
+    release = workflow_copy(tmp_path / "dreampipe", marker)
+    user = deployment(tmp_path / "user", repr(str(release / "Snakefile")))
+    assert "train" in snakemake(user, "-n").stdout
+    assert set(marker.read_text().splitlines()) == {str(release / "workflow" / "dreampipe" / "__init__.py")}
 
 
 def test_the_snakefile_checks_the_snakemake_version_pyproject_requires():
