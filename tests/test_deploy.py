@@ -160,8 +160,9 @@ def test_the_container_is_what_make_venv_installs_and_the_snakefile_names_it():
     runs = " ".join(re.findall(r"^RUN (.*)", dockerfile, re.M))
     assert "make venv" in runs, "the Makefile's own target installs the image, so the two cannot drift"
     copied = " ".join(re.findall(r"^COPY (.*)", dockerfile, re.M))
+    context = (ROOT / ".dockerignore").read_text().splitlines()
     for needed in ("Makefile", "pyproject.toml", pyproject()["project"]["readme"], "workflow"):
-        assert needed in copied.split(), needed
+        assert needed in copied.split() and f"!{needed}" in context, needed
     image = f"dreampipe:{version}"
     assert re.search(rf'^container: "docker-daemon://{re.escape(image)}"$', (ROOT / "Snakefile").read_text(), re.M)
     dry = subprocess.run(["make", "-n", "image"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
