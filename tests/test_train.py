@@ -394,3 +394,76 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     moved = distance(single, base)
     assert distance(ddp, single) < 0.3 * moved
     assert distance(wrong_batch, single) > 0.5 * moved
+
+
+# ---- the GPU path's order of work, checked on the CPU ---------------------------------------------
+
+def test_final_grid_and_model_are_written_before_lightning_moves_the_networks_off_the_device(
+        tiny_model, instance, tmp_path, monkeypatch):
+    """Lightning's teardown moves the module to the CPU when fit returns: on a GPU, anything done
+    after that runs on the CPU (minutes at SD size). The last grid and the model come first."""
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    events = []
+    teardown, save, generate = SingleDeviceStrategy.teardown, checkpoint.save, sampling.generate
+    monkeypatch.setattr(SingleDeviceStrategy, "teardown", lambda self: (events.append("teardown"), teardown(self))[1])
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (events.append("save"), save(*a, **k))[1])
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: (events.append("grid"), generate(*a, **k))[1])
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=2)
+    assert events == ["grid", "save", "teardown"]
+
+
+def test_ema_model_is_written_from_the_fp32_average_not_through_the_training_dtype(tiny_model, instance, tmp_path,
+                                                                                 monkeypatch):
+    """The UNet written with EMA on is the EMA's own fp32 copy: a bf16 UNet must not round it."""
+    written = {}
+    save = checkpoint.save
+
+    def spy(model, path, *a, unet_weights=None, **k):
+        written.update(unet_weights or {})
+        model.unet.to(torch.bfloat16)  # as on a GPU: the trained UNet holds bf16 weights
+        return save(model, path, *a, unet_weights=unet_weights, **k)
+
+    monkeypatch.setattr(checkpoint, "save", spy)
+    weights = run(tiny_model, [(instance, None)], tmp_path, max_steps=3, ema=True, learning_rate=1e-2)
+    assert written and all(v.dtype == torch.float32 for v in written.values())
+    key = "conv_in.weight"
+    ldm = UNET + "input_blocks.0.0.weight"
+    assert torch.equal(weights[ldm], written[key].cpu())
+    assert not torch.equal(weights[ldm], written[key].to(torch.bfloat16).float().cpu())
+
+
+def test_state_is_written_in_the_background_while_training_goes_on(tiny_model, instance, tmp_path, monkeypatch):
+    """A state save hands a snapshot to a writer thread; the saved state is the step's, however far
+    training got while it was written."""
+    writes, release = [], __import__("threading").Event()
+    write = train.SaveState._write
+
+    def slow(self, state, step):
+        release.wait(60)  # training must not wait for this
+        writes.append(state["global_step"])
+        write(self, state, step)
+
+    monkeypatch.setattr(train.SaveState, "_write", slow)
+    progress = train.Progress.on_train_batch_end
+
+    def on_step(self, trainer, *a):
+        progress(self, trainer, *a)
+        if trainer.global_step == 4:
+            release.set()  # training reached step 4 while step 2's state was being written
+
+    monkeypatch.setattr(train.Progress, "on_train_batch_end", on_step)
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=6, save_state_every_n_steps=2, keep_state=True)
+    assert writes == [2, 4]
+    saved = torch.load(tmp_path / ".state" / train.STATE_FILE, weights_only=True)
+    assert saved["global_step"] == 4
+
+
+def test_state_is_saved_by_elapsed_minutes(tiny_model, instance, tmp_path, monkeypatch):
+    clock = iter(range(0, 10**6, 40))  # every reading of the clock is 40 s later
+    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
+    saved = []
+    monkeypatch.setattr(train.SaveState, "_write", lambda self, state, step: saved.append(step))
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=5, save_state_every_n_steps=0,
+        save_state_every_n_minutes=1)
+    assert saved == [2, 4]  # a minute has passed at every other step end

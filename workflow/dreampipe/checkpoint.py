@@ -366,11 +366,12 @@ def _rename(key: str, prefixes: list[tuple[str, str]], leaves: list[tuple[str, s
     return key
 
 
-def to_ldm(model: StableDiffusion) -> dict:
-    """The model's weights under the original SD 1.x (LDM) key names."""
+def to_ldm(model: StableDiffusion, unet_weights: dict | None = None) -> dict:
+    """The model's weights under the original SD 1.x (LDM) key names; `unet_weights` (diffusers
+    names) replace the UNet's own, e.g. its EMA average."""
     out = {}
     unet_pairs = _unet_prefixes(model.architecture["unet"])
-    for k, v in model.unet.state_dict().items():
+    for k, v in {**model.unet.state_dict(), **(unet_weights or {})}.items():
         leaves = _UNET_RESNET if ".resnets." in k else []
         out[UNET_PREFIX + _rename(k, unet_pairs, leaves)] = v
     vae_pairs = _vae_prefixes(model.architecture["vae"])
@@ -391,12 +392,14 @@ def to_ldm(model: StableDiffusion) -> dict:
 FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def save(model: StableDiffusion, path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
-    """Write the model as one LDM-layout file (.safetensors, or .ckpt), atomically."""
+def save(model: StableDiffusion, path, dtype: str = "fp16", metadata: dict | None = None,
+         unet_weights: dict | None = None) -> Path:
+    """Write the model as one LDM-layout file (.safetensors, or .ckpt), atomically, from whichever
+    device its weights are on."""
     meta = dict(metadata or {})
     if not is_sd1(model.architecture):
         meta[ARCHITECTURE_KEY] = json.dumps(model.architecture)
-    return write_file(to_ldm(model), path, dtype, meta)
+    return write_file(to_ldm(model, unet_weights), path, dtype, meta)
 
 
 def is_sd1(arch: dict) -> bool:
@@ -413,7 +416,8 @@ def write_file(weights: dict, path, dtype: str = "fp16", metadata: dict | None =
     path = Path(path)
     if path.suffix not in FILE_SUFFIXES:
         raise DreampipeError(f"{path}: unknown checkpoint type; name the output *.safetensors or *.ckpt")
-    weights = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+    # one tensor at a time to the CPU, then cast: no second copy of the model on the GPU
+    weights = {k: (v.detach().cpu().to(DTYPES[dtype]) if v.is_floating_point() else v.cpu()).contiguous()
                for k, v in weights.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     check_disk_space(path, sum(v.numel() * v.element_size() for v in weights.values()))

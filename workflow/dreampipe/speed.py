@@ -1,11 +1,11 @@
 """The GPU fast path of training and sampling. On the CPU nothing here changes anything.
 
-Training on a GPU (precision auto or bf16-mixed): the networks hold bf16 weights and AdamWBF16
-keeps them faithful (fp32 arithmetic, stochastic rounding, so that updates far below a bf16 ulp
-still add up); the UNet is channels-last and compiled (CUDA graphs by default: the eager step is
-launch-bound). The low-memory profile adds gradient checkpointing and runs each weight's optimizer
+Training on a GPU (precision auto or bf16-mixed): the trained networks hold bf16 weights and
+AdamWBF16 keeps them faithful (fp32 arithmetic, stochastic rounding, so that updates far below a
+bf16 ulp still add up); frozen networks keep the dtype they were loaded in, so they are written
+out exactly as loaded. The UNet is channels-last and compiled block by block by default. The low-memory profile adds gradient checkpointing and runs each weight's optimizer
 step inside the backward pass, so gradients are never all held at once.
-Sampling on a GPU: bf16, channels-last, the UNet compiled.
+Sampling on a GPU: bf16, channels-last, the UNet compiled block by block.
 """
 
 from __future__ import annotations
@@ -26,16 +26,35 @@ def bf16_weights(settings: dict, device) -> bool:
     return on_gpu(device) and settings["precision"] in ("auto", "bf16-mixed")
 
 
-def compile_mode(settings: dict) -> str | None:
-    """`train.compile`: auto = CUDA graphs, except in the low-memory profile (whose per-weight
-    optimizer steps need the eager backward); false = eager; else a torch.compile mode."""
-    mode = settings.get("compile", "auto")
-    if mode in ("auto", True):
-        return None if settings.get("low_memory") else "reduce-overhead"
-    return None if mode is False else mode
+# Regional compilation: these blocks make up nearly all of the UNet's work and repeat with a few
+# distinct shapes, so compiling each block alone costs a fraction of compiling the whole UNet.
+REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
-def compile_module(module: torch.nn.Module, mode: str) -> None:
+def compile_scope(settings: dict) -> str | None:
+    """`train.compile`: auto = blocks (eager in the low-memory profile, whose per-weight optimizer
+    steps need the eager backward); false = eager; blocks = each repeated block compiled alone;
+    unet = the whole UNet as one graph with CUDA graphs."""
+    scope = settings.get("compile", "auto")
+    if scope == "auto":
+        return None if settings.get("low_memory") else "blocks"
+    return scope or None
+
+
+def compile_unet(unet: torch.nn.Module, scope: str) -> None:
+    """Compile the UNet in place (state_dict keys unchanged): whole (CUDA graphs) or block by block."""
+    if scope == "unet":
+        compile_module(unet, "reduce-overhead")
+        return
+    # one graph per distinct block shape, each specialised (no dynamic-shape kernels)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    for block in unet.modules():
+        if type(block).__name__ in REPEATED_BLOCKS:
+            compile_module(block, None)
+
+
+def compile_module(module: torch.nn.Module, mode: str | None) -> None:
     """Compile in place (state_dict keys unchanged), eager if the compiler fails."""
     module._compiled_call_impl = compiled_or_eager(module._call_impl, mode=mode)
 
@@ -68,24 +87,26 @@ def prepare_training(model, settings: dict, device) -> None:
     if not on_gpu(device):
         return
     if bf16_weights(settings, device):
-        model.to(dtype=torch.bfloat16)
+        model.unet.to(dtype=torch.bfloat16)
+        if settings["train_text_encoder"]:
+            model.text_encoder.to(dtype=torch.bfloat16)
     model.unet.to(memory_format=torch.channels_last)
     if settings.get("low_memory"):
         model.unet.enable_gradient_checkpointing()
-    mode = compile_mode(settings)
-    if mode:
-        compile_module(model.unet, mode)
+    scope = compile_scope(settings)
+    if scope:
+        compile_unet(model.unet, scope)
 
 
-def prepare_sampling(model, device) -> None:
-    """Ready a StableDiffusion model, already on `device` in its sampling dtype, for sampling."""
+def prepare_sampling(model, device, scope: str | None = "blocks") -> None:
+    """Ready a StableDiffusion model, already on `device` in its sampling dtype, for sampling;
+    scope as in compile_unet, None = eager."""
     if not on_gpu(device):
         return
     model.unet.to(memory_format=torch.channels_last)
     model.vae.to(memory_format=torch.channels_last)
-    model.unet.fuse_qkv_projections()  # one matmul for q, k, v of self-attention
-    torch._inductor.config.conv_1x1_as_mm = True
-    compile_module(model.unet, "default")
+    if scope:
+        compile_unet(model.unet, scope)
 
 
 def optimizer(groups: list[dict], settings: dict, device) -> torch.optim.Optimizer:
