@@ -202,4 +202,5 @@ def reference_markdown() -> str:
 
 def _row(key: str, prop: dict, required: bool = False) -> str:
     default = "required" if required else f"`{json.dumps(prop.get('default'))}`"
-    return f"| `{key}` | {default} | {prop.get('description', '').strip()} |"
+    meaning = " ".join(prop.get("description", "").split())
+    return f"| `{key}` | {default} | {meaning.replace('|', chr(92) + '|')} |"
