@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from dreampipe import speed
@@ -90,3 +91,57 @@ def test_cpu_runs_are_unchanged(tiny_model):
     assert model.unet._compiled_call_impl is None
     assert not model.unet.is_gradient_checkpointing
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.unet.parameters())
+
+
+def test_only_adamw_gets_bf16_weights_on_a_gpu():
+    """bitsandbytes' 8-bit AdamW rounds bf16 weights to nearest (updates below half an ulp are
+    lost), so it keeps fp32 master weights; AdamWBF16 rounds stochastically."""
+    settings = {"precision": "auto", "optimizer": "adamw"}
+    assert speed.bf16_weights(settings, "cuda")
+    assert not speed.bf16_weights({**settings, "optimizer": "adamw8bit"}, "cuda")
+    assert not speed.bf16_weights({**settings, "precision": "32-true"}, "cuda")
+    assert not speed.bf16_weights(settings, "cpu")
+
+
+@pytest.mark.parametrize("fused_backward", [False, True])
+def test_a_frozen_parameter_is_not_updated_as_in_torch_adamw(fused_backward):
+    """After its network stops training (requires_grad False), a weight keeps its value: no
+    momentum tail, no weight decay. torch's AdamW on fp32 copies does the same."""
+    net = tiny_net()
+    ref = copy.deepcopy(net).float()
+    opt = speed.AdamWBF16(net.parameters(), lr=1e-2, weight_decay=0.1, fused_backward=fused_backward)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    train(net, opt, 3)
+    train(ref, ref_opt, 3)
+    before = [p.detach().clone() for p in net.parameters()]
+    ref_before = [p.detach().clone() for p in ref.parameters()]
+    net[2].requires_grad_(False)
+    ref[2].requires_grad_(False)
+    after = train(net, opt, 3)
+    ref_after = train(ref, ref_opt, 3)
+    for weights, start in ((after, before), (ref_after, ref_before)):
+        assert not torch.equal(weights[0], start[0].float())  # the first layer trains on
+        assert all(torch.equal(a, b.float()) for a, b in zip(weights[2:], start[2:]))
+
+
+def micro_batches(opt, p, contributions):
+    """One accumulation window of len(contributions) micro-batches, as Lightning runs it, in which
+    micro-batch k's gradient of p is contributions[k]; p.grad at the end (what the step uses)."""
+    opt.zero_grad()
+    for c in contributions:
+        opt.before_backward()
+        (p.float() * c).sum().backward()
+        opt.after_backward()
+    return p.grad.float()
+
+
+def test_accumulated_gradients_are_summed_in_fp32():
+    """One large gradient then seven each below half a bf16 ulp of the sum: summed in bf16 they
+    vanish; summed in fp32 they move the gradient the step sees by two ulps."""
+    p = torch.nn.Parameter(torch.ones(16, dtype=torch.bfloat16))
+    opt = speed.AdamWBF16([p], lr=1e-3, accumulation_steps=8)
+    contributions = [1.0] + [2**-9] * 7
+    exact = torch.tensor(sum(contributions)).bfloat16().float()
+    assert exact > 1.0
+    assert torch.all(micro_batches(opt, p, contributions) == exact)
+    assert torch.all(micro_batches(opt, p, [0.5] * 8) == 4.0)  # a new window starts from zero

@@ -249,6 +249,15 @@ class DreamBooth(pl.LightningModule):
                                   num_training_steps=self.s["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # AdamWBF16 sums the gradients of an accumulation window in fp32 (bf16 would drop small parts)
+    def on_before_backward(self, loss):
+        if isinstance(self.trainer.optimizers[0], speed.AdamWBF16):
+            self.trainer.optimizers[0].before_backward()
+
+    def on_after_backward(self):
+        if isinstance(self.trainer.optimizers[0], speed.AdamWBF16):
+            self.trainer.optimizers[0].after_backward()
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if self.ema:
@@ -640,8 +649,8 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         saver.interrupted = "SIGTERM"
     except torch.cuda.OutOfMemoryError:
         raise DreampipeError(
-            "CUDA out of memory while training. In the character file set train.gradient_checkpointing: "
-            "true, train.optimizer: adamw8bit, or a smaller train.batch_size") from None
+            "CUDA out of memory while training. In the character file set train.low_memory: true, "
+            "train.gradient_checkpointing: true, or a smaller train.batch_size") from None
     finally:
         saver.restore_signals()  # from here a kill is a kill: the state on disk stays until the model is written
         saver.wait()
