@@ -1,12 +1,12 @@
 """The GPU fast path of training and sampling. On the CPU nothing here changes anything.
 
-Training on a GPU (precision auto or bf16-mixed): the trained networks hold bf16 weights and
-AdamWBF16 keeps them faithful (fp32 arithmetic, stochastic rounding, so that updates far below a
-bf16 ulp still add up); frozen networks keep the dtype they were loaded in, so they are written
-out exactly as loaded. The UNet is channels-last, and its forward and backward are replayed as
-CUDA graphs (no compile: the eager step is launch-bound). The low-memory profile adds gradient
-checkpointing and runs each weight's optimizer step inside the backward pass, so gradients are
-never all held at once.
+Training on a GPU (precision auto or bf16-mixed, optimizer adamw): the trained networks hold bf16
+weights and AdamWBF16 keeps them faithful (fp32 arithmetic, stochastic rounding, so that updates
+far below a bf16 ulp still add up); frozen networks keep the dtype they were loaded in, so they are
+written out exactly as loaded. The UNet is channels-last, and its forward and backward are
+replayed as CUDA graphs (no compile: the eager step is launch-bound). The low-memory profile adds
+gradient checkpointing and runs each weight's optimizer step inside the backward pass, so
+gradients are never all held at once.
 Sampling on a GPU: bf16, channels-last; the UNet compiled block by block for long jobs.
 """
 
