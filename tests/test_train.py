@@ -180,6 +180,33 @@ def test_changed_training_value_starts_fresh_and_unchanged_resumes(tiny_model, i
     assert "starting fresh" in caplog.text and "resuming" not in caplog.text
 
 
+def test_a_saved_state_whose_keys_do_not_match_the_model_is_refused(tiny_model, instance, tmp_path):
+    subjects = [(instance, None)]
+    run(tiny_model, subjects, tmp_path, keep_state=True)
+    state = tmp_path / ".state" / train.STATE_FILE
+    ckpt = torch.load(state, weights_only=True)
+    dropped = next(k for k in ckpt["state_dict"] if k.startswith("unet."))
+    ckpt["state_dict"]["unet.extra.weight"] = ckpt["state_dict"].pop(dropped)
+    torch.save(ckpt, state)
+    with pytest.raises(DreampipeError, match=f"does not match.*missing.*{dropped}.*unexpected.*unet.extra.weight"):
+        run(tiny_model, subjects, tmp_path, keep_state=True)
+
+
+def test_fingerprint_hashes_each_input_once_by_content(tmp_path):
+    """The base model (GBs) is hashed as a stream and the hash is kept by (path, size, mtime):
+    a resume does not read it again; a changed file (new mtime) gets a new fingerprint."""
+    model, cache, s = tmp_path / "model.safetensors", tmp_path / ".cache" / "hashes.json", settings()
+    model.write_bytes(b"a" * 1000)
+    first = train.fingerprint(s, [model], 1, cache=cache)
+    st = model.stat()
+    model.write_bytes(b"b" * 1000)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert train.fingerprint(s, [model], 1, cache=cache) == first  # not read again
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert train.fingerprint(s, [model], 1, cache=cache) != first
+    assert train.fingerprint({**s, "learning_rate": 1.0}, [model], 1, cache=cache) != first
+
+
 # ---- options -----------------------------------------------------------------------------------
 
 def distance(a: dict, b: dict, prefix: str = UNET) -> float:
@@ -218,6 +245,34 @@ def test_text_encoder_changes_only_when_trained_and_until_its_stop_step(tiny_mod
     assert identical(part(stopped, TEXT), part(two_steps, TEXT))
     assert not identical(part(stopped, TEXT), part(trained, TEXT))
     assert all(identical(part(w, VAE), part(base, VAE)) for w in (frozen, trained, stopped))
+
+
+def test_text_encoder_learning_rate_zero_keeps_the_text_encoder(tiny_model, instance, tmp_path):
+    base = load_file(tiny_model[0])
+    weights = run(tiny_model, [(instance, None)], tmp_path, train_text_encoder=True, text_encoder_learning_rate=0)
+    assert identical(part(weights, TEXT), part(base, TEXT))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.97, 0.99, 1.0])
+def test_ema_is_the_mean_of_the_first_steps_then_an_exponential_average_with_the_decay(
+        decay, device="cpu", weights=torch.float64):
+    """EMA weights after n steps, of the weights w_1..w_n the steps made: up to m = 1/(1 - decay)
+    steps their plain mean, after it the exponential average with the decay (weight decay^k for
+    the weights of k steps ago) continuing from that mean; decay 1 is the plain mean of all.
+    On a GPU (tests/test_gpu.py) the weights are bf16 and the average is still fp32."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64 if weights == torch.float64 else torch.float32,
+                                       device=device))
+    ema = train.ema_model([p], decay)  # before the weights are cast, as in DreamBooth
+    p.data = p.data.to(weights)
+    trained = (torch.linspace(1, 3, 60, dtype=torch.float64) ** 2).to(weights).double()
+    for w in trained:
+        p.data.fill_(w)
+        ema.step([p])
+    n, m = len(trained), min(len(trained), round(1 / (1 - decay)) if decay < 1 else len(trained))
+    expected = decay ** (n - m) * trained[:m].mean() + sum((1 - decay) * decay ** (n - k) * trained[k - 1]
+                                                          for k in range(m + 1, n + 1))
+    tolerance = 1e-9 if weights == torch.float64 else 1e-6  # fp32 average; bf16 would be off by ~1e-3
+    assert torch.allclose(ema.shadow_params[0].double().cpu(), expected.reshape(1), rtol=tolerance)
 
 
 def test_ema_gives_the_model_averaged_weights(tiny_model, instance, tmp_path):

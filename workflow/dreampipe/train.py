@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import checkpoint, sampling, speed
+from . import checkpoint, config, sampling, speed
 from .errors import DreampipeError
 from .images import grid, save_atomic, stack
 
@@ -124,7 +124,6 @@ class DreamBooth(pl.LightningModule):
     def __init__(self, model: checkpoint.StableDiffusion, settings: dict):
         super().__init__()
         from diffusers import DDPMScheduler
-        from diffusers.training_utils import EMAModel
 
         self.sd, self.s = model, settings
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
@@ -133,9 +132,9 @@ class DreamBooth(pl.LightningModule):
         self.text_encoder.requires_grad_(settings["train_text_encoder"])
         if settings["gradient_checkpointing"]:
             self.unet.enable_gradient_checkpointing()
-        # the decay ramps up as (1 + step) / (10 + step) up to ema_decay, so short runs average too
-        self.ema = EMAModel(self.unet.parameters(), decay=settings["ema_decay"], foreach=True) if settings["ema"] else None
-        self.strict_loading = False  # saved state holds only the trained networks
+        # an fp32 copy: made before the weights are cast to bf16 for training on a GPU
+        self.ema = ema_model(self.unet.parameters(), settings["ema_decay"]) if settings["ema"] else None
+        self.strict_loading = False  # saved state holds only the trained networks: on_load_checkpoint checks the keys
 
     # -- caches: the VAE is frozen, so latents are encoded once; so are captions while the text
     #    encoder is frozen.
@@ -242,7 +241,8 @@ class DreamBooth(pl.LightningModule):
                    "lr": self.s["learning_rate"] * factor}]
         if self.s["train_text_encoder"]:
             groups.append({"params": list(self.text_encoder.parameters()),
-                           "lr": (self.s["text_encoder_learning_rate"] or self.s["learning_rate"]) * factor})
+                           "lr": (self.s["learning_rate"] if self.s["text_encoder_learning_rate"] is None
+                                  else self.s["text_encoder_learning_rate"]) * factor})
         if factor != 1:
             log.info("learning rate scaled x%g (%s) to %s", factor, self.s["scale_lr"], [g["lr"] for g in groups])
         optimizer = make_optimizer(groups, self.s, self.device)
@@ -250,18 +250,36 @@ class DreamBooth(pl.LightningModule):
                                   num_training_steps=self.s["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # AdamWBF16 sums the gradients of an accumulation window in fp32 (bf16 would drop small parts)
+    def on_before_backward(self, loss):
+        if isinstance(self.trainer.optimizers[0], speed.AdamWBF16):
+            self.trainer.optimizers[0].before_backward()
+
+    def on_after_backward(self):
+        if isinstance(self.trainer.optimizers[0], speed.AdamWBF16):
+            self.trainer.optimizers[0].after_backward()
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if self.ema:
             self.ema.step(self.unet.parameters())
 
+    def trained_prefixes(self) -> tuple[str, ...]:
+        return ("unet.", "text_encoder.") if self.s["train_text_encoder"] else ("unet.",)
+
     def on_save_checkpoint(self, ckpt):
-        trained = ("unet.", "text_encoder.") if self.s["train_text_encoder"] else ("unet.",)
-        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(trained)}
+        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(self.trained_prefixes())}
         if self.ema:
             ckpt["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, ckpt):
+        expected = {k for k in self.state_dict() if k.startswith(self.trained_prefixes())}
+        missing, unexpected = sorted(expected - ckpt["state_dict"].keys()), sorted(ckpt["state_dict"].keys() - expected)
+        if missing or unexpected:
+            raise DreampipeError(
+                f"{self.trainer.ckpt_path}: the saved training state does not match the model ({len(missing)} missing "
+                f"keys, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): delete "
+                f"{Path(self.trainer.ckpt_path).parent} to start over")
         if self.ema:
             self.ema.load_state_dict(ckpt["ema"])
 
@@ -288,6 +306,17 @@ class DreamBooth(pl.LightningModule):
         trained = [p for p in self.parameters() if p.requires_grad]
         size = sum(p.numel() * p.element_size() for p in trained) * 3
         return size + (sum(p.numel() * 4 for p in self.unet.parameters()) if self.ema else 0)
+
+
+def ema_model(parameters, decay: float):
+    """An EMA of the weights that is the plain mean of the steps' weights until 1/(1 - decay) steps,
+    then the exponential average with this decay. (diffusers' default ramp, (1 + s) / (10 + s),
+    holds the decay below 0.99 for 890 steps, so that every decay above behaved alike in a
+    DreamBooth run.)"""
+    from diffusers.training_utils import EMAModel
+
+    # warm-up 1 - (1 + s / inv_gamma)^-power = s / (1 + s) at update s + 1: the running mean
+    return EMAModel(parameters, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=1.0, foreach=True)
 
 
 def lr_factor(settings: dict, world_size: int, instance_images: int) -> float:
@@ -554,12 +583,14 @@ class WriteModel(pl.Callback):
         self.written = True
 
 
-def fingerprint(settings: dict, inputs: list[Path], world_size: int) -> str:
-    """What shaped this run's weights: the training settings and the content of every input file."""
+def fingerprint(settings: dict, inputs: list[Path], world_size: int, *, cache: Path) -> str:
+    """What shaped this run's weights: the training settings and the content of every input, each
+    hashed as a stream once and kept in `cache` by (path, size, mtime), so a resume does not read
+    a multi-GB base model again."""
     shaping = {k: v for k, v in settings.items() if k not in NOT_SHAPING_WEIGHTS}
     h = hashlib.sha256(json.dumps({**shaping, "world_size": world_size}, sort_keys=True).encode())
     for path in inputs:
-        h.update(hashlib.sha256(Path(path).read_bytes()).digest() if Path(path).is_file() else str(path).encode())
+        h.update(config.model_id(str(path), cache).encode())
     return h.hexdigest()
 
 
@@ -596,7 +627,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         logging.getLogger(name).setLevel(logging.ERROR)
     world = world_size(settings["devices"])
     inputs = [Path(model_path)] + [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
-    fp = fingerprint(settings, inputs, world)
+    fp = fingerprint(settings, inputs, world, cache=state_dir.parent / ".cache" / "input-hashes.json")
     resume = state_dir / STATE_FILE
     ckpt_path = resume if resume.exists() and (state_dir / "fingerprint").read_text() == fp else None
     # DDP starts the other ranks by running this command again: only the first prepares the folders
@@ -646,8 +677,8 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         saver.interrupted = "SIGTERM"
     except torch.cuda.OutOfMemoryError:
         raise DreampipeError(
-            "CUDA out of memory while training. In the character file set train.gradient_checkpointing: "
-            "true, train.optimizer: adamw8bit, or a smaller train.batch_size") from None
+            "CUDA out of memory while training. In the character file set train.low_memory: true, "
+            "train.gradient_checkpointing: true, or a smaller train.batch_size") from None
     finally:
         saver.restore_signals()  # from here a kill is a kill: the state on disk stays until the model is written
         saver.wait()
