@@ -46,11 +46,11 @@ TORCH_LOGS=recompiles timeout ${LIMIT:-540} snakemake --cores 16 --resources gpu
 E=$(date +%s.%N)
 echo "e2e $NAME rc=$rc wall $(secs $S $E) s (steps $STEPS, class images ${NCLASS:-200})"
 [ $rc = 0 ] || tail -25 "$OUT/e2e-$NAME.log"
-for f in results/class/*/benchmarks/*.tsv results/$NAME/benchmarks/*.tsv; do
+for f in results/class/*/benchmarks/*.tsv results/$NAME/benchmarks/*.tsv results/$NAME/benchmarks/*/*.tsv; do
   [ -f "$f" ] && echo "  $(basename $(dirname $(dirname $f)))/$(basename $f .tsv): $(tail -1 $f | cut -f1) s, max RSS $(tail -1 $f | cut -f3) MB"
 done
-echo "  recompiles: $(grep -h -c 'Recompiling' results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | paste -sd+ | bc)"
-grep -h "done in\|it/s\|step 1000\|state of step\|compile" results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | cut -c1-200 | tail -12
+echo "  recompiles: $(cat results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | grep -c Recompiling)"
+grep -h "done in\|loaded\|cached\|step 25/\|step 1000\|written\|state of step" results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | cut -c1-200 | tail -12
 ls -la results/$NAME/*.safetensors
 cp results/$NAME/samples/final.png "$OUT/final-$NAME.png" 2>/dev/null
 tar czf "$OUT/logs-$NAME.tgz" results/$NAME/logs results/$NAME/benchmarks results/$NAME/train/loss.csv results/class/*/logs 2>/dev/null
