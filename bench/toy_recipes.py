@@ -42,6 +42,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="results/bench/toy-recipes")
     p.add_argument("--seeds", type=int, default=16)
+    p.add_argument("--steps", type=int, help="train every recipe this many steps (default: as each says)")
+    p.add_argument("--recipes", type=int, help="only the first this many recipes")
     a = p.parse_args()
     out = Path(a.out)
     _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
@@ -55,9 +57,9 @@ def main():
                      ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
     demo = config.train_settings(c)
     rows = []
-    for name, change in recipes(demo).items():
+    for name, change in list(recipes(demo).items())[:a.recipes]:
         slug = "".join(ch if ch.isalnum() else "-" for ch in name)
-        settings = {**demo, **change, "sample_every_n_steps": 0}
+        settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {})}
         trained = train.run(model, tokenizer, [(out / "instance", out / "class.json")], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",

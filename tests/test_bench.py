@@ -1,0 +1,52 @@
+"""Every benchmark entry point runs, at the tiny size on the CPU: an API change breaks CI, not the
+next GPU measurement (bench/train_speed.py once broke unseen for a week)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(tmp_path, *args) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow"), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.parametrize("args, printed", [
+    (["bench/train_speed.py", "default", "--size", "tiny", "--warm", "1", "--steps", "2"], "train-default-auto"),
+    (["bench/train_speed.py", "curve", "--size", "tiny", "--steps", "2"], "train-curve"),
+    (["bench/class_images_speed.py", "--size", "tiny", "--compile", "false", "--batch", "2", "--batches", "2",
+      "--steps", "2"], "class-images-false"),
+    (["bench/train_cpu.py", "--short", "1", "--steps", "1"], "tiny model train step"),
+    (["bench/checkpoint_io.py", "--size", "tiny", "--repeat", "1"], "tiny"),
+    (["bench/prepare_speed.py", "--photos", "3", "--size", "300x200", "--resolution", "64", "--workers", "1"],
+     "dreampipe"),
+], ids=lambda v: v if isinstance(v, str) else " ".join(v[:2]))
+def test_bench_entry_point_runs_at_tiny_size(tmp_path, args, printed):
+    assert printed in bench(tmp_path, *args)
+
+
+def test_toy_recipes_bench_runs_one_short_recipe(tmp_path):
+    out = bench(tmp_path, "bench/toy_recipes.py", "--out", str(tmp_path / "recipes"), "--seeds", "1",
+                "--steps", "2", "--recipes", "1")
+    assert "| ours (demo config) | 2 |" in out
+
+
+def test_e2e_photos_are_the_sizes_the_gpu_benchmark_uses(tmp_path):
+    from PIL import Image
+
+    bench(tmp_path, "bench/e2e_photos.py", str(tmp_path / "photos"))
+    sizes = {Image.open(p).size for p in (tmp_path / "photos").glob("*.jpg")}
+    assert len(list((tmp_path / "photos").glob("*.jpg"))) == 20 and sizes == {(1200, 1600), (1600, 1200)}
+
+
+@pytest.mark.parametrize("script", ["bench/e2e_gpu.sh", "bench/diffusers_example_e2e.sh"])
+def test_gpu_shell_benchmarks_parse(script):
+    assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
