@@ -1,6 +1,7 @@
 # dreampipe: photos of a character -> DreamBooth-finetuned Stable Diffusion 1.x model.
 #   snakemake --cores 1 --resources gpu=1
 # Only the standard library, yaml and our config module are imported here, so dry runs are instant.
+import os
 import sys
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
@@ -20,6 +21,8 @@ except DreampipeError as e:
     sys.exit(f"dreampipe: error: {e}")
 
 R = CFG["results"]
+# Jobs end when this Snakemake ends, even by SIGKILL (dreampipe/lifetime.py).
+os.environ["DREAMPIPE_SNAKEMAKE_PID"] = str(os.getpid())
 
 
 # Seconds of work each: on a cluster they run in the main Snakemake process, not as jobs.

@@ -1,0 +1,77 @@
+"""A hard kill (SIGKILL of Snakemake, a truncated state file) needs no hand repair: jobs end with
+their Snakemake, two jobs never write the same state, and the rerun says what it does."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def processes(cwd: Path, text: str) -> list[int]:
+    """Pids of the processes (not shells) working in `cwd` whose command line contains `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == cwd
+                    and (proc / "comm").read_text().strip() not in ("bash", "sh")
+                    and text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")):
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "snakemake", *args, "--cores", "1", "--resources", "gpu=1"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
+def wait_until(condition, timeout, what):
+    end = time.time() + timeout
+    while not condition():
+        assert time.time() < end, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux only")
+def test_jobs_end_when_snakemake_is_killed_and_the_documented_rerun_resumes(workflow):
+    workflow.character("alice", class_images={"class_data": "none"},
+                       train={"max_steps": 60, "save_state_every_n_steps": 5})
+    state = workflow.path / "results" / "alice" / ".state"
+    snakemake = subprocess.Popen(command(), cwd=workflow.path, env=ENV, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (state / "last.ckpt").exists() or snakemake.poll() is not None, 300, "training")
+        assert snakemake.poll() is None, "the workflow ended before it could be killed"
+        [trainer] = processes(workflow.path, "train --model")
+        snakemake.kill()
+        snakemake.wait()
+        wait_until(lambda: not alive(trainer), 30, f"the orphaned trainer (pid {trainer}) to end")
+    finally:  # nothing of this test outlives it, even when it fails
+        for pid in [snakemake.pid] * (snakemake.poll() is None) + processes(workflow.path, "train --model"):
+            os.kill(pid, signal.SIGKILL)
+
+    # what the README says to do after a hard kill: Snakemake names --unlock, then the same command
+    locked = subprocess.run(command(), cwd=workflow.path, env=ENV, capture_output=True, text=True)
+    assert locked.returncode != 0 and "--unlock" in locked.stderr
+    subprocess.run(command("--unlock"), cwd=workflow.path, env=ENV, check=True, capture_output=True)
+    rerun = subprocess.run(command("results/alice/train/model.safetensors"), cwd=workflow.path, env=ENV,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = (workflow.path / "results" / "alice" / "logs" / "train.log").read_text()
+    assert "resuming from" in log
