@@ -1,6 +1,8 @@
 """A hard kill (SIGKILL of Snakemake, a truncated state file) needs no hand repair: jobs end with
 their Snakemake, two jobs never write the same state, and the rerun says what it does."""
 
+import json
+import logging
 import os
 import signal
 import subprocess
@@ -9,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from dreampipe import cli, config, prepare
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +79,57 @@ def test_jobs_end_when_snakemake_is_killed_and_the_documented_rerun_resumes(work
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = (workflow.path / "results" / "alice" / "logs" / "train.log").read_text()
     assert "resuming from" in log
+
+
+# ---- the training state ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def instance(example_photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("instance") / "instance"
+    prepare.run(example_photos, out, 64, "pad", "white", "a photo of zxq robot")
+    return out
+
+
+def train_args(tiny_model, instance, folder: Path, **overrides) -> list[str]:
+    model, tokenizer = tiny_model
+    settings = {**config.defaults()["train"], "resolution": 64, "max_steps": 4, "learning_rate": 1e-4,
+                "sample_every_n_steps": 0, "save_state_every_n_steps": 2, **overrides}
+    return ["train", "--model", str(model), "--tokenizer", str(tokenizer), "--instance-dir", str(instance),
+            "--settings", json.dumps(settings), "--state", str(folder / ".state"),
+            "--workdir", str(folder / "train"), "--out", str(folder / "model.safetensors")]
+
+
+def test_a_second_trainer_on_the_same_state_stops_with_one_line_naming_the_first(tiny_model, instance, tmp_path,
+                                                                                  caplog):
+    args = train_args(tiny_model, instance, tmp_path, max_steps=2000)
+    first = subprocess.Popen([sys.executable, "-m", "dreampipe.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**ENV, "PYTHONPATH": str(ROOT / "workflow")})
+    try:
+        wait_until(lambda: (tmp_path / ".state" / "last.ckpt").exists(), 300, "the first trainer")
+        # other settings, as after an edit of the character file: it would start fresh, deleting the state
+        assert cli.main(train_args(tiny_model, instance, tmp_path)) == 1
+        [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert f"another job (pid {first.pid}) is training" in error and str(tmp_path / ".state") in error
+        assert first.poll() is None, "the first trainer goes on"
+        assert (tmp_path / ".state" / "last.ckpt").exists(), "and keeps its state"
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_a_truncated_state_is_set_aside_and_training_starts_fresh_saying_so(tiny_model, instance, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    args = train_args(tiny_model, instance, tmp_path, keep_state=True)
+    assert cli.main(args) == 0
+    state = tmp_path / ".state" / "last.ckpt"
+    whole = state.read_bytes()
+    state.write_bytes(whole[:len(whole) // 2])
+
+    caplog.clear()
+    assert cli.main(args) == 0
+    aside = tmp_path / ".state.unreadable" / "last.ckpt"
+    assert aside.read_bytes() == whole[:len(whole) // 2], "the broken state is kept, not deleted"
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(state) in warning and str(aside.parent) in warning and "starting fresh" in warning
+    assert "resuming" not in caplog.text
+    assert state.exists(), "the fresh run saved a state of its own"
