@@ -1,11 +1,12 @@
 # dreampipe: photos of a character -> DreamBooth-finetuned Stable Diffusion 1.x model.
 #   snakemake --cores 1 --resources gpu=1
-# Only the standard library, yaml and our config module are imported here, so dry runs are instant.
-import os
+# Only the standard library, yaml and our config and lifetime modules are imported here, so dry runs
+# are instant.
 import sys
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from dreampipe import config as dpconfig
+from dreampipe import lifetime as dplifetime
 from dreampipe.errors import DreampipeError
 
 
@@ -21,8 +22,7 @@ except DreampipeError as e:
     sys.exit(f"dreampipe: error: {e}")
 
 R = CFG["results"]
-# Jobs end when this Snakemake ends, even by SIGKILL (dreampipe/lifetime.py).
-os.environ["DREAMPIPE_SNAKEMAKE_PID"] = str(os.getpid())
+dplifetime.own_jobs()  # they end when this Snakemake ends, even by SIGKILL
 
 
 # Seconds of work each: on a cluster they run in the main Snakemake process, not as jobs.
