@@ -4,6 +4,7 @@ their Snakemake, two jobs never write the same state, and the rerun says what it
 import json
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -79,6 +80,33 @@ def test_jobs_end_when_snakemake_is_killed_and_the_documented_rerun_resumes(work
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = (workflow.path / "results" / "alice" / "logs" / "train.log").read_text()
     assert "resuming from" in log
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="Linux only")
+@pytest.mark.parametrize("under_snakemake", [True, False])
+def test_a_job_ends_when_its_shell_dies_only_under_snakemake(under_snakemake):
+    """This test stands in for Snakemake; the job waits. Run by hand (nohup), it outlives its shell."""
+    job = "from dreampipe import lifetime; lifetime.end_with_workflow(); print('ready', flush=True); " \
+          "import time; time.sleep(60)"
+    env = {**ENV, "PYTHONPATH": str(ROOT / "workflow")}
+    if under_snakemake:
+        env["DREAMPIPE_SNAKEMAKE_PID"] = str(os.getpid())
+    shell = subprocess.Popen(["bash", "-c", f"set -euo pipefail; {sys.executable} -c {shlex.quote(job)}; true"],
+                             env=env, stdout=subprocess.PIPE, text=True)
+    assert shell.stdout.readline().strip() == "ready"
+    [child] = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and alive(int(p.name))
+               and (p / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(shell.pid)]
+    shell.kill()
+    shell.wait()
+    try:
+        if under_snakemake:
+            wait_until(lambda: not alive(child), 10, "the job to end with its shell")
+        else:
+            time.sleep(2)
+            assert alive(child), "a command run by hand was stopped"
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
 
 
 # ---- the training state ------------------------------------------------------------------------

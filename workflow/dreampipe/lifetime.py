@@ -36,10 +36,11 @@ def _stat(pid: int) -> tuple[int, str, int] | None:
     return int(fields[1]), fields[0], int(fields[19])
 
 
-def _ancestors() -> list[int]:
-    chain, pid = [], os.getppid()
+def _ancestors() -> dict[int, int]:
+    """{pid: start time} of this process's parent, its parent, and so on."""
+    chain, pid = {}, os.getppid()
     while pid > 1 and (stat := _stat(pid)):
-        chain.append(pid)
+        chain[pid] = stat[2]
         pid = stat[0]
     return chain
 
@@ -51,15 +52,14 @@ def own_jobs() -> None:
 
 def end_with_workflow() -> None:
     """Under a Snakemake that exported its pid: end this process when that Snakemake ends."""
-    owner = int(os.environ.get(ENV, 0))
-    if not owner or owner not in _ancestors():
+    owner, parent, ancestors = int(os.environ.get(ENV, 0)), os.getppid(), _ancestors()
+    if owner not in ancestors:
         return
-    started = _stat(owner)[2]
-    if os.getppid() != owner:  # the shell between: its death is signalled by the kernel
+    if parent != owner:  # the shell between: its death is signalled by the kernel
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if owner not in _ancestors():  # it died before the request took effect
+        if os.getppid() != parent:  # it died before the request took effect
             os.kill(os.getpid(), signal.SIGTERM)
-    threading.Thread(target=_watch, args=(owner, started), daemon=True, name="end-with-workflow").start()
+    threading.Thread(target=_watch, args=(owner, ancestors[owner]), daemon=True, name="end-with-workflow").start()
 
 
 def _watch(owner: int, started: int) -> None:
