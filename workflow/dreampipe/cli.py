@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -241,7 +240,7 @@ def main(argv=None) -> int:
     if a.command in GPU_COMMANDS:
         from . import gpu_slots
 
-        slot = gpu_slots.acquire(Path(os.environ.get("DREAMPIPE_GPU_SLOTS", "/tmp/dreampipe-gpu-slots")))
+        slot = gpu_slots.acquire(gpu_slots.lock_dir())
         if slot is not None:
             log.info("using GPU %d", slot)
     start = time.time()

@@ -11,9 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import jsonschema
 import yaml
-from referencing import Registry, Resource
 
 from .errors import DreampipeError
 from .files import write_json
@@ -28,7 +26,9 @@ def _schema(name: str) -> dict:
     return yaml.safe_load((SCHEMAS / f"{name}.schema.yaml").read_text())
 
 
-def _registry() -> Registry:
+def _registry():
+    from referencing import Registry, Resource  # here: train uses model_id where jsonschema is absent
+
     return Registry().with_resource("config.schema.yaml", Resource.from_contents(_schema("config")))
 
 
@@ -44,6 +44,8 @@ def read_yaml(path: Path) -> dict:
 
 def validate(data: dict, schema_name: str, path) -> None:
     """Raise one DreampipeError naming the file, the key and the fix for the first mistake."""
+    import jsonschema
+
     schema = _schema(schema_name)
     validator = jsonschema.Draft202012Validator(schema, registry=_registry())
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.path), list(map(str, e.path))))
@@ -202,4 +204,5 @@ def reference_markdown() -> str:
 
 def _row(key: str, prop: dict, required: bool = False) -> str:
     default = "required" if required else f"`{json.dumps(prop.get('default'))}`"
-    return f"| `{key}` | {default} | {prop.get('description', '').strip()} |"
+    meaning = " ".join(prop.get("description", "").split())
+    return f"| `{key}` | {default} | {meaning.replace('|', chr(92) + '|')} |"

@@ -166,7 +166,7 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
     """Score base and finetuned model on the same seeds; write JSON and a markdown table.
     "described" is the reference: the base model prompted with the subject in words, which is
     about the best fidelity to expect of it without finetuning."""
-    from . import checkpoint, sampling
+    from . import sampling
     from .images import grid, save_atomic
 
     net = load_classifier(classifier_path)
@@ -185,7 +185,7 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
         return net.predict(images)
 
     for label, path in (("before", base_model_path), ("after", model_path)):
-        model = checkpoint.load(path, tokenizer=tokenizer).to(sampling.pick_device())
+        model = sampling.load(path, tokenizer)
         result[label] = scores(draw(model, label, instance_prompt), draw(model, label, class_prompt),
                                subject, class_word)
         if label == "before":

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint, sampling
+from . import sampling
 from .images import grid, save_atomic, stack
 
 
 def model_grid(model_path, tokenizer, prompts, seeds, resolution, steps, guidance_scale, title):
-    model = checkpoint.load(model_path, tokenizer=tokenizer).to(sampling.pick_device())
+    model = sampling.load(model_path, tokenizer)
     ps = [p for p in prompts for _ in seeds]
     ss = [s for _ in prompts for s in seeds]
     images = sampling.generate(model, ps, ss, resolution=resolution, steps=steps, guidance_scale=guidance_scale)

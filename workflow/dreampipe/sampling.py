@@ -68,6 +68,17 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load(path, tokenizer) -> StableDiffusion:
+    """A model ready to sample: on the GPU in bf16 (channels-last), else on the CPU in fp32."""
+    from . import checkpoint, speed
+
+    device = pick_device()
+    model = checkpoint.load(path, tokenizer=tokenizer, device=device,
+                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    speed.prepare_sampling(model, device, scope=None)
+    return model
+
+
 def from_pil(images: list[Image.Image]) -> torch.Tensor:
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
