@@ -4,7 +4,7 @@ and peak resident memory (VmHWM) of each, in fresh processes, the file in the pa
     PYTHONPATH=workflow python bench/prune_memory.py [--size sd1|small] [--repeat 2] [--dir /tmp]
 
 sd1: an SD 1.x Lightning-style .ckpt with fp32 weights and a flattened EMA copy of the UNet
-(7.7 GB on disk, as sd-v1-4-full-ema.ckpt; 8 GB of RAM to build, 16 GB of disk).
+(7.7 GB on disk, as sd-v1-4-full-ema.ckpt; 8 GB of RAM to build it, 10 GB of disk).
 small: the tiny model plus 16 UNet-prefixed 26 MB tensors and their EMA copies (0.85 GB), as in
 tests/test_checkpoint.py. Goal (issue 15): no slower than the script, peak under 4 GB at sd1.
 """
