@@ -452,7 +452,8 @@ def _write_safetensors(weights: dict, dtypes: dict, path: Path, metadata: dict, 
     header, offset = {"__metadata__": metadata}, 0
     for k, v in weights.items():
         size = v.numel() * dtypes[k].itemsize
-        header[k] = {"dtype": _SAFETENSORS_DTYPES[dtypes[k]], "shape": list(v.shape), "data_offsets": [offset, offset + size]}
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[dtypes[k]], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it

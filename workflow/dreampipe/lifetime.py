@@ -2,11 +2,12 @@
 
 Snakemake killed with SIGKILL cannot stop its jobs, and the kernel does not either: the job runs
 on as an orphan and races the rerun for the same files. Snakemake runs a rule through
-`bash -c`, so a job's process is a grandchild of Snakemake; the Snakefile exports Snakemake's
-pid as DREAMPIPE_SNAKEMAKE_PID (`own_jobs`), and a job that finds it among its ancestors asks for SIGTERM
-when its shell dies (the parent-death signal) and watches the Snakemake process itself. When it
-ends, the job gets SIGTERM (training then saves its state), and SIGKILL after GRACE_SECONDS.
-A dreampipe command run by hand (nohup included) is left alone.
+`bash -c`, so a job's process is a grandchild of Snakemake. The Snakefile exports Snakemake's
+pid as DREAMPIPE_SNAKEMAKE_PID (`own_jobs`); a job that finds that pid among its ancestors asks
+for SIGTERM when its shell dies (the parent-death signal, which watches the parent only) and
+watches the Snakemake process itself. When it ends, the job gets SIGTERM (training then saves
+its state), and SIGKILL after GRACE_SECONDS. A dreampipe command run by hand (nohup included)
+is left alone.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def lock(state_dir: Path) -> None:
         holder = f.read().strip() or "?"
         f.close()
         raise DreampipeError(f"{state_dir}: another job (pid {holder}) is training this character with "
-                             "this state; wait for it to end (or stop it), then run the same command again") from None
+                             "this state; wait for it to end (or stop it), then run the same command "
+                             "again") from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
