@@ -1,6 +1,7 @@
 # dreampipe: photos of a character -> DreamBooth-finetuned Stable Diffusion 1.x model.
 #   snakemake --cores 1 --resources gpu=1
-# Only the standard library, yaml and our config module are imported here, so dry runs are instant.
+# Only the standard library, yaml and our config and lifetime modules are imported here, so dry runs
+# are instant.
 import sys
 
 from snakemake.utils import min_version
@@ -12,6 +13,7 @@ include: "workflow/rules/package.smk"
 
 
 from dreampipe import config as dpconfig
+from dreampipe import lifetime as dplifetime
 from dreampipe.errors import DreampipeError
 
 
@@ -31,6 +33,7 @@ except DreampipeError as e:
     sys.exit(f"dreampipe: error: {e}")
 
 R = CFG["results"]
+dplifetime.own_jobs()  # they end when this Snakemake ends, even by SIGKILL
 
 
 # Seconds of work each: on a cluster they run in the main Snakemake process, not as jobs.

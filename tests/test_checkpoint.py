@@ -1,8 +1,12 @@
 """Checkpoint formats: every SD 1.x layout users have loads, the export is what the UIs load."""
 
 import json
+import os
 import pickle
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,8 @@ import torch
 
 from dreampipe import checkpoint, cli, export, prune
 from dreampipe.errors import DreampipeError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -183,6 +189,45 @@ def test_prune_keeps_only_the_chosen_inference_weights_in_fp16(tiny, tmp_path, u
                                  if v.is_floating_point() else v for k, v in sd.items()})
     assert meta[checkpoint.ARCHITECTURE_KEY]  # the tiny model stays loadable
     assert out.stat().st_size < fat.stat().st_size / 3
+
+
+def peak_memory_mb(code: str) -> float:
+    """Peak resident memory of a fresh Python running `code` (VmHWM: ru_maxrss would count the
+    memory of this test process, which the child is forked from)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow"), "OMP_NUM_THREADS": "1"}
+    report = "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    r = subprocess.run([sys.executable, "-c", f"{code}\n{report}"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return int(r.stdout.split()[-1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM (Linux)")
+@pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
+def test_prune_streams_a_fat_file_tensor_by_tensor_in_bounded_memory(tiny, tmp_path, suffix):
+    """A fat file of 840 MB (16 large UNet tensors, their EMA copies): prune holds a tensor or two
+    at a time, not the file (the old prune needed more than the file's size above its imports)."""
+    from safetensors.torch import save_file
+
+    path, _, sd, meta = tiny
+    big = {f"{checkpoint.UNET_PREFIX}extra.{i}.weight": torch.full((2560, 2560), float(i)) for i in range(16)}
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v + 1 for k, v in big.items()}
+    fat = tmp_path / f"fat{suffix}"
+    if suffix == ".ckpt":
+        torch.save({"state_dict": {**sd, **big, **ema}, "metadata": meta, "global_step": 7}, fat)
+    else:
+        save_file({**sd, **big, **ema}, str(fat), metadata=meta)
+    del big, ema
+    size_mb = fat.stat().st_size / 2**20
+    assert size_mb > 800
+
+    out = tmp_path / "pruned.safetensors"
+    imports = peak_memory_mb("from dreampipe import cli, prune")
+    pruning = peak_memory_mb(f"from dreampipe import cli\nassert cli.main(['prune', {str(fat)!r}, {str(out)!r}]) == 0")
+    assert pruning - imports < 0.35 * size_mb, f"{pruning - imports:.0f} MB above the imports for a {size_mb:.0f} MB file"
+    pruned, _ = checkpoint.read_state_dict(out)
+    assert pruned[f"{checkpoint.UNET_PREFIX}extra.15.weight"].dtype == torch.float16
+    assert torch.equal(pruned[f"{checkpoint.UNET_PREFIX}extra.15.weight"], torch.full((2560, 2560), 15.0).half())
+    assert len(pruned) == len(sd) + 16
 
 
 def test_prune_asked_for_ema_of_a_file_without_one_is_one_clear_error(tiny, tmp_path):

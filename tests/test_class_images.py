@@ -19,6 +19,8 @@ from PIL import Image
 
 from dreampipe import class_images, train
 from dreampipe.errors import DreampipeError
+from dreampipe.files import write_json
+from dreampipe.images import save_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a photo of a dog"
@@ -187,6 +189,43 @@ def test_each_class_data_source_reaches_training(workflow):
     r = workflow.snakemake("-n", check=False)
     assert r.returncode != 0
     assert "config/characters/bad.yaml: class_images.class_data is 'my_class_foto'" in r.stdout + r.stderr
+
+
+def test_the_manifest_is_written_under_the_store_lock(tiny_model, tmp_path):
+    store = tmp_path / "set"
+    generate(tiny_model, store, 2)
+    (store / "n2.json").unlink()
+    waiting = threading.Event()
+    with class_images.store_lock(store):
+        job = threading.Thread(target=lambda: generate(tiny_model, store, 2,
+                                                       log=lambda msg: "waiting" in msg and waiting.set()))
+        job.start()
+        assert waiting.wait(120), "the job did not wait for the lock"
+        assert not (store / "n2.json").exists(), "the manifest was written while another job held the set"
+    job.join(120)
+    assert json.loads((store / "n2.json").read_text())["images"][1].endswith("00001.png")
+
+
+@pytest.mark.parametrize("write", [
+    lambda path, i: write_json({"i": i}, path),
+    lambda path, i: save_atomic(Image.new("RGB", (8, 8), (i % 256, 0, 0)), path)])
+def test_two_writers_of_one_file_never_touch_each_others_temporary_file(tmp_path, write):
+    errors = []
+
+    def writer():
+        for i in range(200):
+            try:
+                write(tmp_path / "n3.json", i)
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir()] == ["n3.json"], "no temporary file is left behind"
 
 
 def test_on_a_gpu_every_batch_has_the_full_size(tiny_model, tmp_path, monkeypatch):

@@ -11,21 +11,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import DreampipeError
+from .files import temp_beside
 
-try:  # diffusers warns about every dtype cast of a model it did not load itself
-    from diffusers.utils import logging as _diffusers_logging
-
-    _diffusers_logging.set_verbosity_error()
-except ImportError:
-    pass
+# diffusers warns about every dtype cast of a model it did not load itself. It reads this when
+# first imported (always later, inside functions): importing it here would cost every command,
+# prune included, a second.
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 SD1_CONFIGS = Path(__file__).parent / "configs" / "sd1"
 # Models whose architecture differs from SD 1.x (our tiny demo model) carry it in the metadata.
@@ -62,10 +61,12 @@ class StableDiffusion:
 # reading
 
 
-def read_state_dict(path: Path) -> tuple[dict, dict]:
+def read_state_dict(path: Path, *, mmap: bool = False) -> tuple[dict, dict]:
     """Tensors and metadata of a .safetensors or .ckpt file, never executing pickled code.
 
-    The format is told by the file's first bytes, not its name: users rename files.
+    The format is told by the file's first bytes, not its name: users rename files. A
+    .safetensors file is always mapped, not read; a .ckpt (zip) file too with `mmap`, so that a
+    tensor is read only when used.
     """
     path = Path(path)
     if not path.is_file():
@@ -85,7 +86,7 @@ def read_state_dict(path: Path) -> tuple[dict, dict]:
                              ".safetensors file); set base_model to an SD 1.x checkpoint")
     try:
         with torch.serialization.safe_globals(_harmless_globals()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except Exception as e:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             found = re.search(r"GLOBAL (\S+)", str(e))
@@ -413,24 +414,72 @@ def is_sd1(arch: dict) -> bool:
                for part in ("unet", "vae", "text_encoder") for k, v in sd1[part].items())
 
 
-def write_file(weights: dict, path, dtype: str | None = "fp16", metadata: dict | None = None) -> Path:
+def write_file(weights: dict, path, dtype: str | None = "fp16", metadata: dict | None = None, *,
+               release_source: bool = False) -> Path:
     """An LDM state dict as .safetensors (or, by the name's suffix, a .ckpt that A1111 reads:
-    {"state_dict": ...}), floats cast to `dtype` (None: each keeps its own), written atomically."""
+    {"state_dict": ...}), floats cast to `dtype` (None: each keeps its own), written atomically.
+    A .safetensors is written a tensor at a time (to the CPU, cast, write, next), so memory never
+    holds a copy of the whole dict; release_source hands each source tensor's pages back once
+    written (tensors mapped from a file)."""
     path = Path(path)
     if path.suffix not in FILE_SUFFIXES:
         raise DreampipeError(f"{path}: unknown checkpoint type; name the output *.safetensors or *.ckpt")
-    # one tensor at a time to the CPU, then cast: no second copy of the model on the GPU
-    weights = {k: (v.detach().cpu().to(DTYPES.get(dtype, v.dtype)) if v.is_floating_point() else v.cpu()).contiguous()
-               for k, v in weights.items()}
+    dtypes = {k: DTYPES.get(dtype, v.dtype) if v.is_floating_point() else v.dtype for k, v in weights.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    check_disk_space(path, sum(v.numel() * v.element_size() for v in weights.values()))
-    tmp = path.with_name(path.name + ".tmp")
+    check_disk_space(path, sum(v.numel() * dtypes[k].itemsize for k, v in weights.items()))
+    tmp = temp_beside(path)
     if path.suffix == ".ckpt":
-        torch.save({"state_dict": weights, "metadata": meta}, tmp)
+        torch.save({"state_dict": {k: _on_cpu(v, dtypes[k]) for k, v in weights.items()}, "metadata": meta}, tmp)
     else:
-        save_file(weights, str(tmp), metadata=meta)
+        _write_safetensors(weights, dtypes, tmp, meta, release_source)
     os.replace(tmp, path)
     return path
+
+
+def _on_cpu(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """To the CPU, then cast: a model on the GPU is never copied whole there."""
+    return tensor.detach().cpu().to(dtype).contiguous()
+
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
+                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+                       torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _write_safetensors(weights: dict, dtypes: dict, path: Path, metadata: dict, release_source: bool) -> None:
+    """The safetensors format (a JSON header of dtypes, shapes and byte ranges, then the bytes),
+    written without building the file in memory: the header needs only shapes."""
+    header, offset = {"__metadata__": metadata}, 0
+    for k, v in weights.items():
+        size = v.numel() * dtypes[k].itemsize
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[dtypes[k]], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for k, v in weights.items():
+            f.write(_on_cpu(v, dtypes[k]).reshape(-1).view(torch.uint8).numpy())
+            if release_source:
+                _release_pages(v)
+
+
+_MADV_PAGEOUT = 21  # Linux's value; Python's mmap module names it only when built on Linux >= 5.4
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages of a file-mapped tensor from this process (Linux MADV_PAGEOUT; elsewhere, or
+    on kernels before 5.4, nothing happens). Without it every page read stays resident, and a
+    7.7 GB checkpoint costs its kept 4 GB of memory. Anonymous memory is left intact (at most swapped)."""
+    import ctypes
+    import mmap
+
+    storage = tensor.untyped_storage()
+    start = -(-storage.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (storage.data_ptr() + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > start and sys.platform == "linux":
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
 
 
 def save_diffusers(model: StableDiffusion, folder, dtype: str = "fp16") -> Path:

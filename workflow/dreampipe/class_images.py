@@ -4,7 +4,7 @@ Image i of a generated set is a function of the set's key (base model content ha
 negative prompt, sampler, steps, guidance scale, resolution) and of i, whose seed is i itself.
 The store is not a Snakemake output, so raising the count only generates the missing indexes,
 lowering it reuses the first N, and a killed run keeps every finished image. Jobs that share a
-store take turns on a lock, so two of them never make the same image.
+store take turns on a lock, so two of them never make the same image or write the same manifest.
 
 Whatever the source, training reads one class manifest: {"prompt": ..., "images": [paths]}.
 """
@@ -76,15 +76,13 @@ def run(model_path, tokenizer, store: Path, manifest: Path, count: int, prompt: 
     """Make the missing images of the first `count`, then write the manifest and contact sheet.
     Returns the indexes this call made."""
     store = Path(store)
-    todo = missing_indexes(store, count)
-    if todo:
-        with store_lock(store, log):
-            todo = missing_indexes(store, count)  # a job we waited for may have made some
-            log(f"class images: {count - len(todo)} of {count} already in {store}, {len(todo)} to make")
-            if todo:
-                _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler,
-                          steps, guidance_scale, resolution, batch_size)
-    write_manifest(Path(manifest), prompt, [image_path(store, i) for i in range(count)])
+    with store_lock(store, log):  # the manifest too: a job of the same count may be writing it
+        todo = missing_indexes(store, count)
+        log(f"class images: {count - len(todo)} of {count} already in {store}, {len(todo)} to make")
+        if todo:
+            _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler,
+                      steps, guidance_scale, resolution, batch_size)
+        write_manifest(Path(manifest), prompt, [image_path(store, i) for i in range(count)])
     return todo
 
 

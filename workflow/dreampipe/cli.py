@@ -234,6 +234,9 @@ def main(argv=None) -> int:
 
     a = p.parse_args(argv)
     _setup_logging(a.log)
+    from . import lifetime
+
+    lifetime.end_with_workflow()
     if a.command in GPU_COMMANDS:
         from . import gpu_slots
 

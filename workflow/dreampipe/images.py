@@ -9,11 +9,13 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
+from .files import temp_beside
+
 
 def save_atomic(image: Image.Image, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temp_beside(path)
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
 

@@ -11,8 +11,8 @@ from . import checkpoint
 def run(src: Path, out: Path, use_ema: bool = False, dtype: str = "fp16") -> Path:
     """Non-EMA weights by default: DreamBooth runs of the CompVis-based repos trained without EMA,
     so their model_ema.* copy still holds the base model."""
-    sd, meta = checkpoint.read_state_dict(src)
+    sd, meta = checkpoint.read_state_dict(src, mmap=True)  # each tensor is read once, then dropped
     checkpoint.check_sd1(sd, src, checkpoint.architecture_of(meta))
     weights = checkpoint.inference_weights(sd, use_ema, src)
     meta = {**meta, "dreampipe.pruned_from": Path(src).name, "dreampipe.unet": "ema" if use_ema else "non-ema"}
-    return checkpoint.write_file(weights, out, dtype, meta)
+    return checkpoint.write_file(weights, out, dtype, meta, release_source=True)

@@ -26,7 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import checkpoint, config, sampling, speed
+from . import checkpoint, config, sampling, speed, state_folder
 from .errors import DreampipeError
 from .images import grid, save_atomic, stack
 
@@ -628,10 +628,14 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     world = world_size(settings["devices"])
     inputs = [Path(model_path)] + [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
     fp = fingerprint(settings, inputs, world, cache=state_dir.parent / ".cache" / "input-hashes.json")
+    # DDP starts the other ranks by running this command again: only the first prepares the folders
+    first_rank = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    if first_rank:
+        state_folder.lock(state_dir)
+        state_folder.set_aside_if_unreadable(state_dir, STATE_FILE)
     resume = state_dir / STATE_FILE
     ckpt_path = resume if resume.exists() and (state_dir / "fingerprint").read_text() == fp else None
-    # DDP starts the other ranks by running this command again: only the first prepares the folders
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+    if first_rank:
         if ckpt_path:
             log.info("resuming from %s", resume)
         else:
