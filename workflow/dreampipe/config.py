@@ -9,6 +9,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -22,6 +23,10 @@ SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 SECTIONS = ("prepare", "class_images", "train", "export", "sample")
 TINY = "tiny"
 SUBJECT_KEYS = ("instance_dir", "token", "class_word", "instance_prompt")
+# A character's name is its file's name; it is part of every output path and of shell commands,
+# so it is kept to characters that need no quoting anywhere, and short enough for derived names
+# (".<name>.safetensors.tmp") to stay under the 255-byte file-name limit.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 def _schema(name: str) -> dict:
@@ -112,6 +117,9 @@ def load(config: dict, workdir: Path = Path("."), configfile: str = "config/conf
 
 
 def character(cfg: dict, path: Path, workdir: Path) -> dict:
+    if not NAME.fullmatch(path.stem):
+        raise DreampipeError(f"{path}: the character name (the file name) may only use letters, digits, "
+                             "_, - and . (starting with a letter or digit, at most 100); rename the file")
     data = read_yaml(path)
     validate(data, "character", path)
     top = {k: data[k] for k in SUBJECT_KEYS if k in data}

@@ -1,6 +1,7 @@
 # Input functions and values shared by the rules. Every value that shapes a stage's output reaches
 # its rule as a plain params entry, so Snakemake reruns exactly the stale steps.
 import json
+import re
 import shlex
 import yaml
 from argparse import Namespace
@@ -10,7 +11,7 @@ from dreampipe import prepare as dpprepare
 
 
 wildcard_constraints:
-    character="|".join(CHARACTERS) or "NONE",
+    character="|".join(map(re.escape, CHARACTERS)) or "NONE",
 
 
 TINY_MODEL = f"{R}/base/tiny-sd.safetensors"
@@ -60,7 +61,7 @@ def tokenizer(wildcards):
 
 def tokenizer_arg(wildcards):
     t = tokenizer(wildcards)
-    return f"--tokenizer {t}" if t else ""
+    return shlex.join(["--tokenizer", t]) if t else ""
 
 
 def instance_dirs(wildcards):

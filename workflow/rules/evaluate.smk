@@ -27,10 +27,10 @@ rule evaluate:
         instance_prompt=lambda wc: char(wc)["instance_prompt"],
         class_prompt=lambda wc: char(wc)["class_images"]["class_prompt"],
         class_word=lambda wc: char(wc)["class_word"],
-        seeds=" ".join(map(str, range(16))),
+        seeds=shlex.join(map(str, range(16))),
         tokenizer=tokenizer_arg,
     shell:
         "dreampipe evaluate {input.model:q} --base-model {input.base:q} {params.tokenizer}"
         " --classifier {input.classifier:q} --instance-dir {input.instance:q} --out {output.json:q}"
         " --instance-prompt {params.instance_prompt:q} --class-prompt {params.class_prompt:q}"
-        " --class-word {params.class_word:q} --seeds {params.seeds} --grid {output.grid:q} --log {log}"
+        " --class-word {params.class_word:q} --seeds {params.seeds} --grid {output.grid:q} --log {log:q}"

@@ -24,8 +24,8 @@ rule export:
             }
         ),
     shell:
-        "dreampipe export {input:q} {output:q} --dtype {params.dtype} {params.tokenizer}"
-        " --settings {params.settings:q} --log {log}"
+        "dreampipe export {input:q} {output:q} --dtype {params.dtype:q} {params.tokenizer}"
+        " --settings {params.settings:q} --log {log:q}"
 
 
 rule export_diffusers:
@@ -41,4 +41,4 @@ rule export_diffusers:
         dtype=lambda wc: char(wc)["export"]["dtype"],
         tokenizer=tokenizer_arg,
     shell:
-        "dreampipe export {input:q} {output:q} --dtype {params.dtype} {params.tokenizer} --log {log}"
+        "dreampipe export {input:q} {output:q} --dtype {params.dtype:q} {params.tokenizer} --log {log:q}"

@@ -52,4 +52,4 @@ rule train:
     shell:
         "dreampipe train --model {input.model:q} {params.tokenizer} {params.subjects}"
         " --settings {params.settings:q} --state {params.state:q}"
-        " --workdir {params.workdir:q} --out {output.model:q} --log {log}"
+        " --workdir {params.workdir:q} --out {output.model:q} --log {log:q}"
