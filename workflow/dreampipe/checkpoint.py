@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import DreampipeError
+from .files import human_size
 
 try:  # diffusers warns about every dtype cast of a model it did not load itself
     from diffusers.utils import logging as _diffusers_logging
@@ -455,5 +456,5 @@ def check_disk_space(path: Path, nbytes: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
     if free < nbytes * 1.1:
-        raise DreampipeError(f"{path}: needs {nbytes / 2**30:.1f} GiB but only "
-                             f"{free / 2**30:.1f} GiB is free on that disk; free some space")
+        raise DreampipeError(f"{path}: needs {human_size(nbytes)} but only {human_size(free)} is free "
+                             "on that disk; free some space")

@@ -14,6 +14,11 @@ from pathlib import Path
 from .errors import DreampipeError
 
 log = logging.getLogger("dreampipe")
+# The traceback of an unexpected error goes to the --log file only: the terminal gets one line.
+traceback_log = logging.getLogger("dreampipe.traceback")
+traceback_log.propagate = False
+traceback_log.addHandler(logging.NullHandler())
+FORMAT = "%(asctime)s %(name)s: %(message)s"
 GPU_COMMANDS = {"class-images", "train", "sample", "evaluate"}
 
 
@@ -22,7 +27,9 @@ def _setup_logging(logfile: str | None) -> None:
     if logfile:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logfile, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers)
+        handlers[-1].setFormatter(logging.Formatter(FORMAT))
+        traceback_log.addHandler(handlers[-1])
+    logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=handlers)
     for noisy in ("diffusers", "transformers", "pytorch_lightning", "lightning", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric|diffusers|transformers")
@@ -123,6 +130,18 @@ def cmd_config_docs(a):
     from . import config
 
     Path(a.out).write_text(config.reference_markdown())
+
+
+def unexpected(e: Exception, logfile: str | None) -> str:
+    """One line for an error that is not a known user mistake: what happened and where to read more."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        what = f"no space left on the disk{f' writing {e.filename}' if e.filename else ''}; free some space and run it again"
+    else:
+        what = f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return what + (f"; the traceback is in {logfile}" if logfile else
+                   "; run it again with --log FILE to keep the traceback")
 
 
 def main(argv=None) -> int:
@@ -246,6 +265,10 @@ def main(argv=None) -> int:
         a.func(a)
     except DreampipeError as e:
         log.error("%s: error: %s", a.command, e)
+        return 1
+    except Exception as e:
+        log.error("%s: error: %s", a.command, unexpected(e, a.log))
+        traceback_log.error("%s failed", a.command, exc_info=True)
         return 1
     log.info("%s done in %.1f s", a.command, time.time() - start)
     return 0
