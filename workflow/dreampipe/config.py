@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import json
 import re
+import string
 from pathlib import Path
 
 import jsonschema
@@ -23,6 +24,7 @@ SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 SECTIONS = ("prepare", "class_images", "train", "export", "sample")
 TINY = "tiny"
 SUBJECT_KEYS = ("instance_dir", "token", "class_word", "instance_prompt")
+PROMPT_WORDS = ["token", "class_word", "instance_prompt"]  # what {placeholders} of prompts may name
 # A character's name is its file's name; it is part of every output path and of shell commands,
 # so it is kept to characters that need no quoting anywhere, and short enough for derived names
 # (".<name>.safetensors.tmp") to stay under the 255-byte file-name limit.
@@ -113,10 +115,11 @@ def load(config: dict, workdir: Path = Path("."), configfile: str = "config/conf
             near = difflib.get_close_matches(name, available, n=1)
             raise DreampipeError(f"--config characters: no character '{name}' in {char_dir}"
                                  + (f"; did you mean '{near[0]}'?" if near else f" (have: {', '.join(available)})"))
-    return cfg, {name: character(cfg, char_dir / f"{name}.yaml", workdir) for name in (selected or available)}
+    return cfg, {name: character(cfg, char_dir / f"{name}.yaml", workdir, configfile=configfile)
+                 for name in (selected or available)}
 
 
-def character(cfg: dict, path: Path, workdir: Path) -> dict:
+def character(cfg: dict, path: Path, workdir: Path, *, configfile: str = "config/config.yaml") -> dict:
     if not NAME.fullmatch(path.stem):
         raise DreampipeError(f"{path}: the character name (the file name) may only use letters, digits, "
                              "_, - and . (starting with a letter or digit, at most 100); rename the file")
@@ -130,6 +133,10 @@ def character(cfg: dict, path: Path, workdir: Path) -> dict:
             raise DreampipeError(f"{path}: '{key}' is a required property; add it (see config/README.md)")
     c = merge({k: v for k, v in cfg.items() if k not in ("characters", "characters_dir")},
               {k: v for k, v in data.items() if k not in SUBJECT_KEYS and k != "subjects"})
+    for section, key in (("sample", "prompts"), ("train", "sample_prompts")):
+        origin = path if key in data.get(section, {}) else configfile
+        for prompt in c[section][key]:
+            check_placeholders(prompt, PROMPT_WORDS, f"{origin}: {section}.{key}")
     c["subjects"] = [subject(s, c, path, workdir) for s in data.get("subjects", [top])]
     tokens = [s["token"] for s in c["subjects"]]
     if len(set(tokens)) < len(tokens):
@@ -152,10 +159,25 @@ def subject(data: dict, c: dict, path: Path, workdir: Path) -> dict:
         raise DreampipeError(f"{path}: instance_dir '{instance_dir}' is not a folder; create it and "
                              "put 5-20 photos of the character in it, or fix the path")
     words = {"token": data["token"], "class_word": data["class_word"]}
+    check_placeholders(data.get("instance_prompt", ""), list(words), f"{path}: instance_prompt")
     return {**data, **words,
             "instance_prompt": data.get("instance_prompt", "a photo of {token} {class_word}").format(**words),
             "class_prompt": (data.get("class_prompt") or c["class_images"]["class_prompt"]
                              or f"a photo of a {data['class_word']}")}
+
+
+def check_placeholders(prompt: str, allowed: list[str], where: str) -> None:
+    """Refuse a prompt whose {placeholders} are not all in `allowed`, or that has a lone brace."""
+    words = " or ".join(", ".join(f"{{{w}}}" for w in allowed).rsplit(", ", 1))
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(prompt) if field is not None]
+    except ValueError:
+        raise DreampipeError(f"{where}: '{prompt}' has a brace that opens or closes no placeholder; "
+                             f"write {{{{ or }}}} for a brace itself (placeholders: {words})") from None
+    for field in fields:
+        if field not in allowed:
+            raise DreampipeError(f"{where}: '{prompt}' has an unknown placeholder {{{field}}}; use {words} "
+                                 "(or {{ and }} for a brace itself)")
 
 
 def for_each_subject(prompts: list[str], subjects: list[dict]) -> list[str]:
