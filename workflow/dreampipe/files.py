@@ -22,3 +22,14 @@ def human_size(nbytes: float) -> str:
         if abs(nbytes) < 1024 or unit == "TiB":
             return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
         nbytes /= 1024
+
+
+def umask_mode(path: Path) -> None:
+    """Give a written file (or every file and folder under it) the mode a plain open() would:
+    some writers (safetensors) create private 0600 files, which other users of a shared model
+    folder cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
