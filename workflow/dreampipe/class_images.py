@@ -69,9 +69,9 @@ def store_lock(store: Path, log=print):
 
 def run(model_path, tokenizer, store: Path, manifest: Path, count: int, prompt: str,
         negative_prompt: str, sampler: str, steps: int, guidance_scale: float, resolution: int,
-        batch_size: int | str = "auto", log=print) -> list[int]:
+        batch_size: int | str = "auto", log=print, base_options: dict | None = None) -> list[int]:
     """Make the missing images of the first `count`, then write the manifest and contact sheet.
-    Returns the indexes this call made."""
+    Returns the indexes this call made. `base_options` are checkpoint.load's use_ema and fallback."""
     store = Path(store)
     todo = missing_indexes(store, count)
     if todo:
@@ -80,7 +80,7 @@ def run(model_path, tokenizer, store: Path, manifest: Path, count: int, prompt: 
             log(f"class images: {count - len(todo)} of {count} already in {store}, {len(todo)} to make")
             if todo:
                 _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler,
-                          steps, guidance_scale, resolution, batch_size)
+                          steps, guidance_scale, resolution, batch_size, base_options or {})
     write_manifest(Path(manifest), prompt, [image_path(store, i) for i in range(count)])
     return todo
 
@@ -109,7 +109,7 @@ def write_manifest(manifest: Path, prompt: str, files: list[Path]) -> None:
 
 
 def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler, steps,
-              guidance_scale, resolution, batch_size):
+              guidance_scale, resolution, batch_size, base_options):
     import torch
     from tqdm import tqdm
 
@@ -117,7 +117,7 @@ def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampl
     from .images import save_atomic
 
     device = sampling.pick_device()
-    model = checkpoint.load(model_path, tokenizer=tokenizer)
+    model = checkpoint.load(model_path, tokenizer=tokenizer, **base_options)
     model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     speed.prepare_sampling(model, device)
     if batch_size == "auto":

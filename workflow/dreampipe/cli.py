@@ -35,6 +35,17 @@ def _setup_logging(logfile: str | None) -> None:
     warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric|diffusers|transformers")
 
 
+def base_options(a) -> dict:
+    """How checkpoint.load reads the base model (--use-ema, --base-model-fallback)."""
+    return {"use_ema": a.use_ema, "fallback": a.base_model_fallback}
+
+
+def add_base_options(sp) -> None:
+    sp.add_argument("--use-ema", action="store_true", help="take the base model's UNet from its EMA weights")
+    sp.add_argument("--base-model-fallback", help="full SD 1.x checkpoint supplying the VAE/text encoder "
+                                                  "that the base model lacks")
+
+
 def cmd_tiny_model(a):
     from . import tiny
 
@@ -58,7 +69,7 @@ def cmd_evaluate(a):
 
     evaluate.run(a.model, a.base_model, a.tokenizer, Path(a.classifier), Path(a.instance_dir), Path(a.out),
                  a.instance_prompt, a.class_prompt, a.class_word, a.seeds, a.steps, a.guidance_scale,
-                 a.grid and Path(a.grid))
+                 a.grid and Path(a.grid), base_options=base_options(a))
 
 
 def cmd_prepare(a):
@@ -80,7 +91,8 @@ def cmd_class_images(a):
         raise DreampipeError("--store needs --model and --num (or give --prepared instead)")
     made = class_images.run(a.model, a.tokenizer, Path(a.store), Path(a.manifest), a.num, a.prompt,
                             a.negative_prompt, a.sampler, a.steps, a.guidance_scale, a.resolution,
-                            a.batch_size if a.batch_size == "auto" else int(a.batch_size), log=log.info)
+                            a.batch_size if a.batch_size == "auto" else int(a.batch_size), log=log.info,
+                            base_options=base_options(a))
     log.info("made %d new class images", len(made))
 
 
@@ -91,7 +103,8 @@ def cmd_train(a):
         raise DreampipeError("train: give one --class-manifest per --instance-dir, or none")
     subjects = [(Path(d), Path(m) if m else None)
                 for d, m in zip(a.instance_dir, a.class_manifest or [None] * len(a.instance_dir))]
-    train.run(a.model, a.tokenizer, subjects, json.loads(a.settings), Path(a.state), Path(a.workdir), Path(a.out))
+    train.run(a.model, a.tokenizer, subjects, json.loads(a.settings), Path(a.state), Path(a.workdir), Path(a.out),
+              base_options=base_options(a))
 
 
 def cmd_export(a):
@@ -112,7 +125,7 @@ def cmd_sample(a):
     from . import sample
 
     sample.run(a.model, Path(a.out), a.prompt, a.seeds, a.resolution, a.steps, a.guidance_scale,
-               a.tokenizer, a.base_model)
+               a.tokenizer, a.base_model, base_options=base_options(a))
 
 
 def cmd_check_report(a):
@@ -181,6 +194,7 @@ def main(argv=None) -> int:
     sp.add_argument("--steps", type=int, default=25)
     sp.add_argument("--guidance-scale", type=float, default=5.0)
     sp.add_argument("--grid", help="also write the scored pictures as a grid")
+    add_base_options(sp)
 
     sp = add("prepare", cmd_prepare, "photos -> square training images + manifest + contact sheet")
     sp.add_argument("instance_dir")
@@ -210,6 +224,7 @@ def main(argv=None) -> int:
     sp.add_argument("--guidance-scale", type=float, default=10.0)
     sp.add_argument("--resolution", type=int, default=512)
     sp.add_argument("--batch-size", default="auto")
+    add_base_options(sp)
 
     sp = add("train", cmd_train, "DreamBooth finetuning (resumes from --state)")
     sp.add_argument("--model", required=True)
@@ -220,6 +235,7 @@ def main(argv=None) -> int:
     sp.add_argument("--state", required=True, help="resumable state folder")
     sp.add_argument("--workdir", required=True, help="folder for samples and loss logs")
     sp.add_argument("--out", required=True)
+    add_base_options(sp)
 
     sp = add("export", cmd_export, "write the model as a pruned single-file checkpoint")
     sp.add_argument("trained")
@@ -244,6 +260,7 @@ def main(argv=None) -> int:
     sp.add_argument("--guidance-scale", type=float, default=7.5)
     sp.add_argument("--tokenizer")
     sp.add_argument("--base-model", help="also sample this model, above (before/after)")
+    add_base_options(sp)
 
     sp = add("check-report", cmd_check_report, "check that every image of a report displays (Chromium)")
     sp.add_argument("report", nargs="?", default="results/report.html")

@@ -137,6 +137,11 @@ def character(cfg: dict, path: Path, workdir: Path, *, configfile: str = "config
         origin = path if key in data.get(section, {}) else configfile
         for prompt in c[section][key]:
             check_placeholders(prompt, PROMPT_WORDS, f"{origin}: {section}.{key}")
+    fallback = c["base_model_fallback"]
+    if fallback and not (workdir / fallback).is_file():
+        raise DreampipeError(f"{path if 'base_model_fallback' in data else configfile}: base_model_fallback "
+                             f"'{fallback}' is not a file; set it to a full SD 1.x checkpoint (.ckpt or "
+                             ".safetensors) or remove it")
     c["subjects"] = [subject(s, c, path, workdir) for s in data.get("subjects", [top])]
     tokens = [s["token"] for s in c["subjects"]]
     if len(set(tokens)) < len(tokens):

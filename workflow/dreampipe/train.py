@@ -485,14 +485,17 @@ def tensorboard_logger(workdir: Path):
 
 
 def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], settings: dict,
-        state_dir: Path, workdir: Path, out: Path) -> Path:
-    """Train on `subjects`, each (prepared instance folder, class manifest or None)."""
+        state_dir: Path, workdir: Path, out: Path, base_options: dict | None = None) -> Path:
+    """Train on `subjects`, each (prepared instance folder, class manifest or None). `base_options`
+    are how checkpoint.load reads the base model (use_ema, fallback)."""
+    base_options = base_options or {}
     state_dir, workdir, out = Path(state_dir), Path(workdir), Path(out)
     for name in ("pytorch_lightning", "lightning_fabric"):  # they reset their levels on import
         logging.getLogger(name).setLevel(logging.ERROR)
     world = world_size(settings["devices"])
-    inputs = [Path(model_path)] + [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
-    fp = fingerprint(settings, inputs, world)
+    inputs = [Path(p) for p in (model_path, base_options.get("fallback")) if p]
+    inputs += [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
+    fp = fingerprint({**settings, "use_ema": base_options.get("use_ema", False)}, inputs, world)
     resume = state_dir / STATE_FILE
     ckpt_path = resume if resume.exists() and (state_dir / "fingerprint").read_text() == fp else None
     # DDP starts the other ranks by running this command again: only the first prepares the folders
@@ -510,7 +513,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         workdir.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(settings["seed"], verbose=False)
-    model = checkpoint.load(model_path, tokenizer=tokenizer)
+    model = checkpoint.load(model_path, tokenizer=tokenizer, **base_options)
     data = DreamBoothData(subjects, settings)
     module = DreamBooth(model, settings)
     saver = SaveState(state_dir, settings["save_state_every_n_steps"])

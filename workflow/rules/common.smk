@@ -52,6 +52,24 @@ def base_model(wildcards):
     return TINY_MODEL if m == dpconfig.TINY else m
 
 
+def base_fallback(wildcards):
+    """The checkpoint supplying what the base model lacks (VAE, text encoder), or none."""
+    return [f for f in [char(wildcards)["base_model_fallback"]] if f]
+
+
+def base_options(wildcards):
+    """How every command that loads the base model reads it (checkpoint.load's use_ema, fallback)."""
+    c = char(wildcards)
+    return shlex.join(
+        (["--use-ema"] if c["use_ema"] else [])
+        + [
+            arg
+            for f in base_fallback(wildcards)
+            for arg in ["--base-model-fallback", f]
+        ]
+    )
+
+
 def tokenizer(wildcards):
     c = char(wildcards)
     if c["tokenizer"]:
@@ -76,10 +94,12 @@ def class_set(c, s):
     """The shared store of class images for subject s of character c."""
     ci = c["class_images"]
     model = c["base_model"]
-    model_id = (
-        "tiny-sd-v1"
-        if model == dpconfig.TINY
-        else dpconfig.model_id(model, Path(R) / ".cache" / "model-hashes.json")
+    cache = Path(R) / ".cache" / "model-hashes.json"
+    # what the loaded base model is: its content, the EMA choice and the fallback's content
+    model_id = "+".join(
+        ["tiny-sd-v1" if model == dpconfig.TINY else dpconfig.model_id(model, cache)]
+        + ["ema"] * c["use_ema"]
+        + [dpconfig.model_id(f, cache) for f in [c["base_model_fallback"]] if f]
     )
     return str(
         dpclass.set_dir(
@@ -130,7 +150,7 @@ def _class_sets():
         wc = Namespace(character=c["name"])
         for s in c["subjects"]:
             sets[Path(class_set(c, s)).name] = {
-                "model": base_model(wc),
+                "model": [base_model(wc), *base_fallback(wc)],
                 "args": shlex.join(
                     [
                         "--model",
@@ -151,7 +171,9 @@ def _class_sets():
                         str(c["prepare"]["resolution"]),
                     ]
                     + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
-                ),
+                )
+                + " "
+                + base_options(wc),
                 "batch_size": str(ci["batch_size"]),
             }
     return sets

@@ -2,6 +2,7 @@ rule sample:
     input:
         model=exported,
         base=base_model,
+        fallback=base_fallback,
     output:
         report(
             f"{R}/{{character}}/samples/final.png",
@@ -27,7 +28,8 @@ rule sample:
         guidance_scale=lambda wc: char(wc)["sample"]["guidance_scale"],
         resolution=lambda wc: char(wc)["prepare"]["resolution"],
         tokenizer=tokenizer_arg,
+        base_options=base_options,
     shell:
-        "dreampipe sample {input.model:q} --base-model {input.base:q} --out {output:q} {params.prompts}"
+        "dreampipe sample {input.model:q} --base-model {input.base:q} {params.base_options} --out {output:q} {params.prompts}"
         " --seeds {params.seeds} --steps {params.steps:q} --guidance-scale {params.guidance_scale:q}"
         " --resolution {params.resolution:q} {params.tokenizer} --log {log:q}"

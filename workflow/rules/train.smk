@@ -4,6 +4,7 @@
 rule train:
     input:
         model=base_model,
+        fallback=base_fallback,
         instance=instance_dirs,
         class_manifests=class_manifests,
     output:
@@ -35,6 +36,7 @@ rule train:
             dpconfig.train_settings(char(wc)), sort_keys=True
         ),
         tokenizer=tokenizer_arg,
+        base_options=base_options,
         subjects=lambda wc, input: shlex.join(
             [
                 arg
@@ -50,6 +52,6 @@ rule train:
         state=lambda wc: f"{R}/{wc.character}/.state",
         workdir=lambda wc: f"{R}/{wc.character}/train",
     shell:
-        "dreampipe train --model {input.model:q} {params.tokenizer} {params.subjects}"
+        "dreampipe train --model {input.model:q} {params.base_options} {params.tokenizer} {params.subjects}"
         " --settings {params.settings:q} --state {params.state:q}"
         " --workdir {params.workdir:q} --out {output.model:q} --log {log:q}"
