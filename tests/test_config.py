@@ -114,3 +114,36 @@ def test_a_bad_prompt_stops_snakemake_with_one_line_and_no_traceback(workflow):
     out = r.stdout + r.stderr
     assert r.returncode != 0 and "Traceback" not in out and "KeyError" not in out, out
     assert "alice.yaml: sample.prompts: '{name} in a hat' has an unknown placeholder {name}" in out
+
+
+def test_model_id_of_a_diffusers_folder_is_the_hash_of_its_files_cached_by_size_and_mtime(tmp_path):
+    import os
+
+    folder = tmp_path / "model"
+    (folder / "unet").mkdir(parents=True)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"A" * 1000)
+    (folder / "model_index.json").write_text("{}")
+    cache = tmp_path / "cache.json"
+    first = config.model_id(str(folder), cache)
+    assert first != str(folder) and config.model_id(str(folder), cache) == first
+
+    st = weights.stat()
+    weights.write_bytes(b"B" * 1000)  # same size, new content
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    second = config.model_id(str(folder), cache)
+    assert second != first
+
+    # the cache is trusted while size and mtime stay: the same key is not hashed again
+    weights.write_bytes(b"C" * 1000)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert config.model_id(str(folder), cache) == second
+    assert config.model_files(str(folder)) == [str(folder / "model_index.json"), str(weights)]
+
+
+def test_a_damaged_model_hash_cache_is_rebuilt(tmp_path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"weights")
+    cache = tmp_path / "cache.json"
+    cache.write_text('{"truncated": ')
+    assert config.model_id(str(model), cache) == __import__("hashlib").sha256(b"weights").hexdigest()[:16]

@@ -95,3 +95,24 @@ def test_use_ema_and_base_model_fallback_reach_every_step_that_loads_the_base_mo
                            "base_model_fallback": "nowhere.safetensors", "tokenizer": str(tokenizer)})
     r = workflow.snakemake("-n", check=False)
     assert r.returncode != 0 and "base_model_fallback 'nowhere.safetensors' is not a file" in r.stderr
+
+
+def rewrite_unet_weights(folder):
+    """New values in the UNet file of a diffusers folder, same size, as a retrained copy would have."""
+    from safetensors.torch import load_file, save_file
+
+    [weights] = (folder / "unet").glob("*.safetensors")
+    sd = load_file(weights)
+    save_file({k: v * 1.01 for k, v in sd.items()}, weights)
+
+
+def test_rewriting_the_weights_inside_a_diffusers_base_model_reruns_what_it_shaped(workflow, tiny_model):
+    path, tokenizer = tiny_model
+    checkpoint.save_diffusers(checkpoint.load(path, tokenizer), workflow.path / "base-diffusers", dtype="fp32")
+    workflow.write_config({**TINY_CONFIG, "base_model": "base-diffusers"})
+    workflow.character("alice")
+    workflow.snakemake("--until", "train")
+    assert ("train", "alice") not in workflow.planned()
+
+    rewrite_unet_weights(workflow.path / "base-diffusers")
+    assert {("class_images", ""), ("train", "alice")} <= set(workflow.planned())

@@ -195,22 +195,42 @@ def train_settings(c: dict) -> dict:
     return {**c["train"], "resolution": c["prepare"]["resolution"]}
 
 
-def model_id(path: str, cache: Path) -> str:
-    """Content hash of a base model file, cached by (path, size, mtime) so parsing stays instant."""
+def model_files(path: str) -> list[str]:
+    """The files a base model is made of: the file itself, or every file of a diffusers folder
+    (weights and configs; hidden files left out). Sorted: Snakemake inputs and hashes stay stable."""
     p = Path(path)
-    if not p.is_file():
+    if not p.is_dir():
+        return [str(path)]
+    return sorted(str(f) for f in p.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts))
+
+
+def model_id(path: str, cache: Path) -> str:
+    """Content hash of a base model (a file, or every file of a diffusers folder), each file's hash
+    cached by (path, size, mtime) so parsing stays instant. A path that does not exist is its own id."""
+    p = Path(path)
+    if not p.exists():
         return str(path)
-    st = p.stat()
-    key = f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    known = json.loads(cache.read_text()) if cache.exists() else {}
-    if key not in known:
-        h = hashlib.sha256()
-        with p.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        known[key] = h.hexdigest()[:16]
+    try:
+        known = json.loads(cache.read_text()) if cache.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        known = {}  # a damaged cache is rebuilt, not trusted
+    hashes, changed = [], False
+    for f in map(Path, model_files(path)):
+        st = f.stat()
+        key = f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        if key not in known:
+            h = hashlib.sha256()
+            with f.open("rb") as stream:
+                for block in iter(lambda: stream.read(1 << 24), b""):
+                    h.update(block)
+            known[key], changed = h.hexdigest()[:16], True
+        hashes.append(f"{f.relative_to(p) if p.is_dir() else ''}:{known[key]}")
+    if changed:
         write_json(known, cache)
-    return known[key]
+    if p.is_file():
+        return known[key]
+    return hashlib.sha256("\n".join(hashes).encode()).hexdigest()[:16]
 
 
 def reference_markdown() -> str:

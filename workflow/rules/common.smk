@@ -52,6 +52,12 @@ def base_model(wildcards):
     return TINY_MODEL if m == dpconfig.TINY else m
 
 
+def base_model_files(wildcards):
+    """The base model's files as inputs: a diffusers folder is its files, so rewriting the
+    weights inside it reruns what it shaped (a folder's own mtime does not change then)."""
+    return dpconfig.model_files(base_model(wildcards))
+
+
 def base_fallback(wildcards):
     """The checkpoint supplying what the base model lacks (VAE, text encoder), or none."""
     return [f for f in [char(wildcards)["base_model_fallback"]] if f]
@@ -150,7 +156,7 @@ def _class_sets():
         wc = Namespace(character=c["name"])
         for s in c["subjects"]:
             sets[Path(class_set(c, s)).name] = {
-                "model": [base_model(wc), *base_fallback(wc)],
+                "model": [*base_model_files(wc), *base_fallback(wc)],
                 "args": shlex.join(
                     [
                         "--model",

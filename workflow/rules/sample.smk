@@ -1,7 +1,7 @@
 rule sample:
     input:
         model=exported,
-        base=base_model,
+        base=base_model_files,
         fallback=base_fallback,
     output:
         report(
@@ -27,9 +27,10 @@ rule sample:
         steps=lambda wc: char(wc)["sample"]["steps"],
         guidance_scale=lambda wc: char(wc)["sample"]["guidance_scale"],
         resolution=lambda wc: char(wc)["prepare"]["resolution"],
+        base=base_model,
         tokenizer=tokenizer_arg,
         base_options=base_options,
     shell:
-        "dreampipe sample {input.model:q} --base-model {input.base:q} {params.base_options} --out {output:q} {params.prompts}"
+        "dreampipe sample {input.model:q} --base-model {params.base:q} {params.base_options} --out {output:q} {params.prompts}"
         " --seeds {params.seeds} --steps {params.steps:q} --guidance-scale {params.guidance_scale:q}"
         " --resolution {params.resolution:q} {params.tokenizer} --log {log:q}"

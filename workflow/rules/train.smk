@@ -3,7 +3,7 @@
 # --instance-dir D [--class-manifest M].
 rule train:
     input:
-        model=base_model,
+        model=base_model_files,
         fallback=base_fallback,
         instance=instance_dirs,
         class_manifests=class_manifests,
@@ -35,6 +35,7 @@ rule train:
         settings=lambda wc: json.dumps(
             dpconfig.train_settings(char(wc)), sort_keys=True
         ),
+        model=base_model,
         tokenizer=tokenizer_arg,
         base_options=base_options,
         subjects=lambda wc, input: shlex.join(
@@ -52,6 +53,6 @@ rule train:
         state=lambda wc: f"{R}/{wc.character}/.state",
         workdir=lambda wc: f"{R}/{wc.character}/train",
     shell:
-        "dreampipe train --model {input.model:q} {params.base_options} {params.tokenizer} {params.subjects}"
+        "dreampipe train --model {params.model:q} {params.base_options} {params.tokenizer} {params.subjects}"
         " --settings {params.settings:q} --state {params.state:q}"
         " --workdir {params.workdir:q} --out {output.model:q} --log {log:q}"
