@@ -54,6 +54,10 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
     workflow.character("alice", sample={"prompts": ["a photo of zxq robot in a hat"]})
     assert workflow.planned() == [("sample", "alice"), ("settings", "alice")]
 
+    # how often training samples or saves does not shape the weights: nothing reruns
+    workflow.character("alice", train={"sample_every_n_steps": 1, "save_every_n_steps": 2, "keep_last": 5})
+    assert workflow.planned() == [("settings", "alice")]
+
 
 def test_raising_the_class_image_count_generates_only_the_new_images(workflow):
     workflow.character("alice", class_images={"num_class_images": 2, "steps": 2}, train={"max_steps": 1})

@@ -103,7 +103,8 @@ def cmd_train(a):
         raise DreampipeError("train: give one --class-manifest per --instance-dir, or none")
     subjects = [(Path(d), Path(m) if m else None)
                 for d, m in zip(a.instance_dir, a.class_manifest or [None] * len(a.instance_dir))]
-    train.run(a.model, a.tokenizer, subjects, json.loads(a.settings), Path(a.state), Path(a.workdir), Path(a.out),
+    settings = {**json.loads(a.settings), **json.loads(a.progress_settings)}
+    train.run(a.model, a.tokenizer, subjects, settings, Path(a.state), Path(a.workdir), Path(a.out),
               base_options=base_options(a))
 
 
@@ -232,6 +233,8 @@ def main(argv=None) -> int:
     sp.add_argument("--instance-dir", required=True, action="append", help="prepared photos; once per subject")
     sp.add_argument("--class-manifest", action="append", help="class images of the subject; once per subject")
     sp.add_argument("--settings", required=True, help="JSON of the train settings")
+    sp.add_argument("--progress-settings", default="{}", help="JSON of more train settings: those that "
+                    "change what is written along the way, not the weights")
     sp.add_argument("--state", required=True, help="resumable state folder")
     sp.add_argument("--workdir", required=True, help="folder for samples and loss logs")
     sp.add_argument("--out", required=True)

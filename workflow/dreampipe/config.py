@@ -24,6 +24,12 @@ SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 SECTIONS = ("prepare", "class_images", "train", "export", "sample")
 TINY = "tiny"
 SUBJECT_KEYS = ("instance_dir", "token", "class_word", "instance_prompt")
+# Training settings that change what training writes along the way (sample grids, saved state,
+# progressive checkpoints), not the weights: changing one reruns nothing, and a training that
+# resumes keeps its state.
+PROGRESS_SETTINGS = ("sample_every_n_steps", "sample_prompts", "sample_seeds", "sample_steps",
+                     "sample_guidance_scale", "save_state_every_n_steps", "keep_state",
+                     "save_every_n_steps", "keep_last")
 PROMPT_WORDS = ["token", "class_word", "instance_prompt"]  # what {placeholders} of prompts may name
 # A character's name is its file's name; it is part of every output path and of shell commands,
 # so it is kept to characters that need no quoting anywhere, and short enough for derived names
@@ -191,8 +197,16 @@ def for_each_subject(prompts: list[str], subjects: list[dict]) -> list[str]:
 
 
 def train_settings(c: dict) -> dict:
-    """Everything that shapes the trained weights, and nothing else (so sampling changes don't retrain)."""
+    """Everything training is told: the train section and the image resolution."""
     return {**c["train"], "resolution": c["prepare"]["resolution"]}
+
+
+def split_train_settings(c: dict) -> tuple[dict, dict]:
+    """(settings that shape the trained weights, PROGRESS_SETTINGS): only the first are tracked by
+    Snakemake, so a sampling or saving change does not retrain."""
+    settings = train_settings(c)
+    return ({k: v for k, v in settings.items() if k not in PROGRESS_SETTINGS},
+            {k: v for k, v in settings.items() if k in PROGRESS_SETTINGS})
 
 
 def model_files(path: str) -> list[str]:

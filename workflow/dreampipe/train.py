@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from . import checkpoint, sampling, speed
+from .config import PROGRESS_SETTINGS
 from .errors import DreampipeError
 from .images import grid, save_atomic, stack
 
@@ -34,9 +35,7 @@ STATE_FILE = "last.ckpt"
 LOG_EVERY_N_STEPS = 25
 # Settings that change what is written along the way but not the trained weights: changing one
 # resumes the saved state instead of starting over.
-NOT_SHAPING_WEIGHTS = ("sample_every_n_steps", "sample_prompts", "sample_seeds", "sample_steps",
-                       "sample_guidance_scale", "save_state_every_n_steps", "keep_state",
-                       "save_every_n_steps", "keep_last", "devices")
+NOT_SHAPING_WEIGHTS = (*PROGRESS_SETTINGS, "devices")
 
 
 def rng(*key) -> torch.Generator:

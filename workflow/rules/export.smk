@@ -20,7 +20,7 @@ rule export:
                     {k: s[k] for k in ("token", "class_word", "instance_prompt")}
                     for s in char(wc)["subjects"]
                 ],
-                **dpconfig.train_settings(char(wc)),
+                **dpconfig.split_train_settings(char(wc))[0],
             }
         ),
     shell:
