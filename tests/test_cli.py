@@ -54,3 +54,13 @@ def test_a_full_disk_is_reported_in_units_that_show_the_numbers(tmp_path, monkey
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
     with pytest.raises(DreampipeError, match=said):
         checkpoint.check_disk_space(tmp_path / "model.safetensors", need)
+
+
+def test_a_full_disk_is_said_in_words():
+    import errno
+
+    from dreampipe import cli
+
+    e = OSError(errno.ENOSPC, "No space left on device", "/r/alice/train/model.safetensors")
+    assert cli.unexpected(e, "train.log") == ("no space left on the disk writing /r/alice/train/model.safetensors; "
+                                              "free some space and run it again; the traceback is in train.log")
