@@ -147,3 +147,30 @@ def test_a_damaged_model_hash_cache_is_rebuilt(tmp_path):
     cache = tmp_path / "cache.json"
     cache.write_text('{"truncated": ')
     assert config.model_id(str(model), cache) == __import__("hashlib").sha256(b"weights").hexdigest()[:16]
+
+
+def test_omegaconf_interpolation_fills_other_keys_and_environment_variables(workflow, monkeypatch):
+    monkeypatch.setenv("DREAMPIPE_TEST_PHOTOS", "example")
+    write(workflow, instance_dir="${oc.env:DREAMPIPE_TEST_PHOTOS}/photos",
+          class_images={"class_prompt": "a photo of a ${class_word} in a park"})
+    monkeypatch.setenv("DREAMPIPE_TEST_SCRATCH", "/scratch/me")
+    cfg, chars = config.load({"class_images": {"negative_prompt": "a blurry ${class_word}"},
+                              "results": "${oc.env:DREAMPIPE_TEST_SCRATCH}/results"}, workflow.path)
+    assert cfg["results"] == "/scratch/me/results"
+    c = chars["alice"]
+    assert c["instance_dir"] == "example/photos"
+    assert c["class_images"]["class_prompt"] == "a photo of a robot in a park"
+    assert c["class_images"]["negative_prompt"] == "a blurry robot"  # config.yaml's, filled per character
+
+
+@pytest.mark.parametrize("value, said", [
+    ("${nope} in a hat", "sample.prompts[0]: interpolation key 'nope' not found"),
+    ("a ${ in a hat", "sample.prompts[0]: ${...} that does not parse"),
+    ("${oc.env:DREAMPIPE_NO_SUCH_VARIABLE}", "sample.prompts[0]: environment variable 'DREAMPIPE_NO_SUCH_VARIABLE' "
+                                             "not found")])
+def test_a_bad_interpolation_is_one_line_naming_file_and_key(workflow, value, said):
+    write(workflow, sample={"prompts": [value]})
+    with pytest.raises(DreampipeError) as e:
+        config.load({}, workflow.path)
+    assert str(e.value).startswith(f"{workflow.path / 'config/characters/alice.yaml'}: {said}"), str(e.value)
+    assert "\n" not in str(e.value) and "\\$" in str(e.value)

@@ -1,6 +1,9 @@
 """Config and character files: validation with one clear message per mistake, defaults, merging.
 
-Standard library, yaml and jsonschema only: the Snakefile imports this at parse time.
+Standard library, yaml, jsonschema and omegaconf only: the Snakefile imports this at parse time.
+OmegaConf merges the layers (schema defaults, config.yaml, --config, the character file) and fills
+${...} interpolations; the schemas check every value; prompts' {token}-style placeholders are
+filled here, per subject.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import jsonschema
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import GrammarParseError, InterpolationKeyError, OmegaConfBaseException
 from referencing import Registry, Resource
 
 from .errors import DreampipeError
@@ -96,18 +101,50 @@ def defaults(schema: dict | None = None) -> dict:
     return out
 
 
-def merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+INTERPOLATION_HINT = ("${key} is another key's value, e.g. ${class_word}; ${oc.env:NAME} an environment "
+                      "variable; \\${ a literal ${")
+
+
+def merge(*layers: dict, data: dict, path, configfile, resolve: bool = True) -> dict:
+    """The layers merged, later ones overriding earlier ones key by key (lists are replaced whole),
+    with ${...} interpolations filled (if `resolve`). A bad interpolation is one line naming its key
+    and the file it was written in: `path`, where `data` came from, or else config.yaml."""
+    try:
+        return OmegaConf.to_container(OmegaConf.merge(*layers), resolve=resolve)
+    except OmegaConfBaseException as e:
+        message = (e.msg or str(e)).strip().splitlines()[0]
+        env = re.search(r"Environment variable '([^']+)' not found", message)
+        if isinstance(e, InterpolationKeyError):
+            what = message[0].lower() + message[1:]
+        elif isinstance(e, GrammarParseError):
+            what = "${...} that does not parse"
+        else:
+            what = f"environment variable '{env.group(1)}' not found" if env else message
+        origin = path if _given(data, e.full_key) else configfile
+        raise DreampipeError(f"{origin}: {e.full_key}: {what} ({INTERPOLATION_HINT})") from None
+
+
+def _given(data, key: str) -> bool:
+    """Whether dotted `key` (sample.prompts[0]) is set in `data`."""
+    for part in re.findall(r"[^.\[\]]+", key):
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return False
+    return True
 
 
 def load(config: dict, workdir: Path = Path("."), configfile: str = "config/config.yaml") -> tuple[dict, dict]:
     """(global config with defaults, {character name: resolved settings}) of the selected characters."""
     workdir = Path(workdir)
     validate(config, "config", configfile)
-    cfg = merge(defaults(), config)
+    # sections are resolved per character, where ${class_word} and the character's own keys are
+    # known; the keys of the whole run here
+    cfg = merge(defaults(), config, data=config, path=configfile, configfile=configfile, resolve=False)
+    run_keys = ("characters_dir", "characters", "results")
+    cfg.update(merge({k: cfg[k] for k in run_keys}, data=config, path=configfile, configfile=configfile))
     selected = cfg["characters"]
     if isinstance(selected, str):
         selected = [s.strip() for s in selected.split(",") if s.strip()]
@@ -137,8 +174,10 @@ def character(cfg: dict, path: Path, workdir: Path, *, configfile: str = "config
     for key in () if "subjects" in data else SUBJECT_KEYS[:3]:
         if key not in data:
             raise DreampipeError(f"{path}: '{key}' is a required property; add it (see config/README.md)")
-    c = merge({k: v for k, v in cfg.items() if k not in ("characters", "characters_dir")},
-              {k: v for k, v in data.items() if k not in SUBJECT_KEYS and k != "subjects"})
+    merged = merge({k: v for k, v in cfg.items() if k not in ("characters", "characters_dir")}, data,
+                   data=data, path=path, configfile=configfile)
+    top = {k: merged[k] for k in top}
+    c = {k: v for k, v in merged.items() if k not in SUBJECT_KEYS and k != "subjects"}
     for section, key in (("sample", "prompts"), ("train", "sample_prompts")):
         origin = path if key in data.get(section, {}) else configfile
         for prompt in c[section][key]:
@@ -148,7 +187,7 @@ def character(cfg: dict, path: Path, workdir: Path, *, configfile: str = "config
         raise DreampipeError(f"{path if 'base_model_fallback' in data else configfile}: base_model_fallback "
                              f"'{fallback}' is not a file; set it to a full SD 1.x checkpoint (.ckpt or "
                              ".safetensors) or remove it")
-    c["subjects"] = [subject(s, c, path, workdir) for s in data.get("subjects", [top])]
+    c["subjects"] = [subject(s, c, path, workdir) for s in merged.get("subjects", [top])]
     tokens = [s["token"] for s in c["subjects"]]
     if len(set(tokens)) < len(tokens):
         raise DreampipeError(f"{path}: subjects share a token ({', '.join(tokens)}); give each its own rare word")
@@ -254,7 +293,11 @@ def reference_markdown() -> str:
              "Generated from workflow/schemas/*.schema.yaml by `dreampipe config-docs`; a test keeps "
              "them in step.", "",
              "`config/config.yaml` holds the shared defaults; `config/characters/<name>.yaml` holds one "
-             "character and may override any section below.", "", "## Character file", "",
+             "character and may override any section below.", "",
+             "Any string value may use OmegaConf interpolation, filled per character: `${class_word}` (another "
+             "key's value), `${oc.env:HOME}` (an environment variable); `\\${` is a literal `${`. Prompts "
+             "also take `{token}`, `{class_word}` and `{instance_prompt}`, filled per subject (`{{`, `}}` "
+             "for braces).", "", "## Character file", "",
              "| key | default | meaning |", "|---|---|---|"]
     for key, prop in char["properties"].items():
         if "$ref" not in prop:
