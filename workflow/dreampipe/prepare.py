@@ -167,7 +167,8 @@ def _check_size(source: Path) -> None:
             with Image.open(source) as im:
                 width, height = im.size
         except Image.DecompressionBombError as e:  # Pillow's own limit says only the pixel count
-            pixels = int(re.search(r"\((\d+) pixels\)", str(e)).group(1))
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            pixels = int(found.group(1)) if found else 0
             if pixels > limits["width"] * limits["height"]:
                 raise BadImage(f"{pixels / 1e6:.0f} megapixels is too large ({most}); shrink it, e.g. to "
                                "4000 px on its long side") from None
