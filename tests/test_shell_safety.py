@@ -45,3 +45,25 @@ def test_hostile_paths_and_prompts_run_the_workflow_without_running_a_command(wo
     assert not list(workflow.path.rglob("INJ*")), r.stdout[-2000:] + r.stderr[-4000:]
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert (workflow.path / "res $(touch INJ9) 'q' r" / "alice" / "samples" / "final.png").is_file()
+
+
+# params that hold several arguments, each already quoted by shlex in workflow/rules/common.smk
+SHLEX_JOINED = {"params.args", "params.base_options", "params.tokenizer", "params.prompts", "params.seeds",
+                "params.subjects"}
+
+
+def test_every_placeholder_in_a_shell_command_is_quoted():
+    import re
+
+    from conftest import ROOT
+
+    unquoted, commands = [], 0
+    for smk in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        for shell in re.findall(r"shell:\n((?:\s+\".*\"\n)+)", smk.read_text()):
+            commands += 1
+            for name, spec in re.findall(r"\{([\w.]+)(:q)?\}", shell):
+                if not spec and name not in SHLEX_JOINED:
+                    unquoted.append(f"{smk.name}: {{{name}}}")
+    assert unquoted == []
+    assert commands == len(re.findall(r"^\s+shell:", "".join(
+        p.read_text() for p in (ROOT / "workflow" / "rules").glob("*.smk")), re.M)) >= 10

@@ -1,5 +1,7 @@
 # Input functions and values shared by the rules. Every value that shapes a stage's output reaches
-# its rule as a plain params entry, so Snakemake reruns exactly the stale steps.
+# its rule as a plain params entry, so Snakemake reruns exactly the stale steps. Every value in a
+# shell command is quoted ({x:q}); a params entry that is several arguments is built here with
+# shlex.join (tests/test_shell_safety.py lists them).
 import json
 import re
 import shlex
