@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # Where there is no NVIDIA GPU, pin the torch release whose CPU build the machine's pip mirror holds.
 TORCH := $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: demo test system venv clean
+.PHONY: demo test system venv image pin clean
 
 demo: venv
 	source $(BIN)/activate && snakemake --cores 1 --resources gpu=1
@@ -29,6 +29,14 @@ $(BIN)/dreampipe: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q '$(TORCH)' -e .
 	touch $@
+
+# The container of `snakemake --sdm apptainer` (Dockerfile), under the name the Snakefile gives it.
+image:
+	docker build -t dreampipe:$(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml) .
+
+# envs/dreampipe.linux-64.pin.txt, the exact packages of the conda environment (needs conda).
+pin: venv
+	$(BIN)/pip install -q snakedeploy && $(BIN)/snakedeploy pin-conda-envs envs/dreampipe.yaml
 
 clean:
 	rm -rf results .snakemake

@@ -3,12 +3,23 @@
 # Only the standard library, yaml and our config module are imported here, so dry runs are instant.
 import sys
 
-sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+from snakemake.utils import min_version
+
+min_version("9.19")  # pyproject.toml's floor: the first to read profiles/*/profile.yaml
+
+
+include: "workflow/rules/package.smk"
+
+
 from dreampipe import config as dpconfig
 from dreampipe.errors import DreampipeError
 
 
 configfile: "config/config.yaml"
+
+
+# The image of --sdm apptainer: `make image` builds it from the Dockerfile (README, "Deploy").
+container: "docker-daemon://dreampipe:0.1.0"
 
 
 report: "workflow/report/workflow.rst"
@@ -40,6 +51,7 @@ include: "workflow/rules/evaluate.smk"
 
 
 rule all:
+    default_target: True
     input:
         EXPORTS,
         expand(f"{R}/{{character}}/samples/final.png", character=CHARACTERS),

@@ -1,13 +1,15 @@
-"""Class images/s on a GPU: 512 px, 50 DDIM steps, CFG 10, SD 1.x-size random weights, through
-sampling.generate after speed.prepare_sampling (bf16, channels-last, compiled UNet), batch 16.
+"""Class images/s: 50 DDIM steps, CFG 10, random weights, through sampling.generate after
+speed.prepare_sampling (bf16, channels-last, the UNet compiled as --compile says), SD 1.x size at
+512 px on a GPU (or the tiny demo size on the CPU, `--size tiny`, as the tests run it).
 Run beside ../shared/bench/diffusers_recipe.py T in the same call.
 
-    python bench/class_images_speed.py
+    python bench/class_images_speed.py [--compile blocks|unet|false] [--batch 16] [--batches 3]
 
-Also checks that images 0-3 match the eager path (batch 4, not compiled) up to bf16 noise.
-Results: printed, and $OUT/class-images.json.
+Reports the seconds to the end of the first batch (compile included), then img/s over the other
+batches, and how far images 0-3 are from the eager path. Results: printed, and $OUT/class-images-<compile>.json.
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -16,57 +18,50 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import FLOP_IMG, random_sd1, save  # noqa: E402
+from common import FLOP_IMG, RESOLUTION, device, peak_gib, random_sd1, save, synchronize  # noqa: E402
 
 from dreampipe import sampling, speed  # noqa: E402
 
 
-def attention_backends() -> dict:
-    """ms per SDPA call at SD 1.x's 64x64 self-attention shape (CFG batch 32, 8 heads of 40)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from triton.testing import do_bench
-
-    q, k, v = (torch.randn(32, 8, 4096, 40, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    out = {}
-    for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-        try:
-            with sdpa_kernel([b]):
-                out[b.name] = do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), return_mode="median")
-        except RuntimeError as e:
-            out[b.name] = str(e).splitlines()[0]
-    return out
-
-
-def main(batch: int = 16, repeats: int = 2):
-    attention = attention_backends()
-    print("attention ms", attention, flush=True)
-    model = random_sd1().to(dtype=torch.bfloat16)
-    prompt = "a photo of a dog"
+def main(size: str, compile: str, batch: int, batches: int, steps: int):
+    dev = device()
+    model = random_sd1(size=size).to(dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
+    res = RESOLUTION[size]
 
     def make(seeds):
-        return sampling.generate(model, [prompt] * len(seeds), seeds, resolution=512, steps=50, guidance_scale=10.0)
+        return sampling.generate(model, ["a photo of a dog"] * len(seeds), seeds, resolution=res, steps=steps,
+                                 guidance_scale=10.0)
 
-    with torch.no_grad():
-        eager = make([0, 1, 2, 3])
-        speed.prepare_sampling(model, "cuda")
-        t0 = time.perf_counter()
-        make(list(range(batch)))  # compile + warm-up
-        compile_s = time.perf_counter() - t0
-        torch.cuda.synchronize()
+    eager = make([0, 1, 2, 3])
+    speed.prepare_sampling(model, dev, scope=None if compile == "false" else compile)
+    t0 = time.perf_counter()
+    first = make(list(range(batch)))
+    synchronize()
+    first_s = time.perf_counter() - t0
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for r in range(repeats):
-            fast = make(list(range(batch)))
-        sec = (time.perf_counter() - t0) / repeats
-    a = np.stack([np.asarray(im, dtype=np.float32) for im in eager])
-    b = np.stack([np.asarray(im, dtype=np.float32) for im in fast[:4]])
-    save("class-images", {
-        "batch": batch, "img_s": batch / sec, "s_per_img": sec / batch, "tflops": FLOP_IMG * batch / sec / 1e12,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "compile_and_first_batch_s": compile_s,
-        "vs_eager_mean_abs_diff_of_255": float(np.abs(a - b).mean()),
-        "vs_eager_rel_l2": float(np.linalg.norm(a - b) / np.linalg.norm(a - 127.5)),
-        "eager_image_std_of_255": float(a.std()), "sdpa_ms_32x8x4096x40": attention})
+    t0 = time.perf_counter()
+    for r in range(1, batches):
+        make(list(range(r * batch, (r + 1) * batch)))
+    synchronize()
+    sec = (time.perf_counter() - t0) / max(1, batches - 1)
+    n = min(4, batch)
+    a = np.stack([np.asarray(im, dtype=np.float32) for im in eager[:n]])
+    b = np.stack([np.asarray(im, dtype=np.float32) for im in first[:n]])
+    save(f"class-images-{compile}", {
+        "size": size, "compile": compile, "batch": batch, "steps": steps, "img_s": batch / sec,
+        "first_batch_s": first_s, "peak_gib": peak_gib(),
+        "tflops": FLOP_IMG * batch / sec / 1e12 if size == "sd1" and steps == 50 else None,
+        "vs_eager_mean_abs_diff_of_255": float(np.abs(a - b).mean())})
 
 
 if __name__ == "__main__":
-    main()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=["sd1", "tiny"], default="sd1")
+    p.add_argument("--compile", choices=["blocks", "unet", "false"], default="blocks")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, default=3, help="the first one includes the compile")
+    p.add_argument("--steps", type=int, default=50)
+    a = p.parse_args()
+    with torch.no_grad():
+        main(a.size, a.compile, a.batch, a.batches, a.steps)

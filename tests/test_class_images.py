@@ -187,3 +187,18 @@ def test_each_class_data_source_reaches_training(workflow):
     r = workflow.snakemake("-n", check=False)
     assert r.returncode != 0
     assert "config/characters/bad.yaml: class_images.class_data is 'my_class_foto'" in r.stdout + r.stderr
+
+
+def test_on_a_gpu_every_batch_has_the_full_size(tiny_model, tmp_path, monkeypatch):
+    """A compiled graph has one shape: the last, smaller batch is padded, and the padding is not kept."""
+    from dreampipe import sampling, speed
+
+    sizes, sample = [], sampling.generate
+    monkeypatch.setattr(speed, "on_gpu", lambda device: True)
+    monkeypatch.setattr(speed, "prepare_sampling", lambda *a, **k: None)
+    monkeypatch.setattr(sampling, "generate", lambda model, prompts, seeds, **k: (sizes.append(len(seeds)),
+                                                                                   sample(model, prompts, seeds, **k))[1])
+    made = generate(tiny_model, tmp_path / "store", 5, batch_size=2)
+    assert sizes == [2, 2, 2]
+    assert made == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "store").glob("0*.png")) == [f"{i:05d}.png" for i in range(5)]

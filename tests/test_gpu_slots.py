@@ -63,3 +63,14 @@ def test_no_gpu_means_no_slot(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert gpu_slots.acquire(tmp_path, count=0) is None
     assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_the_lock_folder_is_the_one_the_docs_name(monkeypatch):
+    from dreampipe import gpu_slots
+
+    monkeypatch.delenv("DREAMPIPE_GPU_SLOTS", raising=False)
+    default = str(gpu_slots.lock_dir())
+    assert default == "/tmp/dreampipe-gpu-slots"
+    assert default in gpu_slots.__doc__ and f"`{default}/`" in (ROOT / "README.md").read_text()
+    monkeypatch.setenv("DREAMPIPE_GPU_SLOTS", "/elsewhere")
+    assert str(gpu_slots.lock_dir()) == "/elsewhere"

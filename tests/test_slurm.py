@@ -221,7 +221,7 @@ def test_two_characters_run_on_slurm_and_a_cancelled_training_resumes_on_the_sam
     rules = [rule_of(j)[0] for j in jobs]
     assert rules.count("class_images") == 1, "the class set both characters share is made once"
     assert rules.count("train") == 3, "alice once, bob cancelled and resubmitted"
-    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "profile.yaml").read_text())
     for job in jobs:
         rule = rule_of(job)[0]
         assert (job.get("TresPerJob") == "gres:gpu:1") == (rule in GPU_RULES), (rule, job.get("TresPerJob"))

@@ -1,22 +1,25 @@
-"""The CPU-testable parts of the GPU fast path: the bf16 AdamW and its fused-into-backward mode."""
+"""The CPU-testable parts of the GPU fast path: the bf16 AdamW and its fused-into-backward mode.
+Tests taking `device` run here on the CPU and again on CUDA from tests/test_gpu.py."""
 
 import copy
 
+import pytest
 import torch
 
 from dreampipe import speed
 
 
-def tiny_net(dtype=torch.bfloat16):
+def tiny_net(dtype=torch.bfloat16, device="cpu"):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.GELU(), torch.nn.Conv2d(5, 2, 1))
-    return net.to(dtype=dtype, memory_format=torch.channels_last)
+    return net.to(device=device, dtype=dtype, memory_format=torch.channels_last)
 
 
 def train(net, opt, steps, g=None):
     g = g or torch.Generator().manual_seed(1)
     for _ in range(steps):
-        x = torch.randn(4, 3, 6, 6, generator=g).to(next(net.parameters()).dtype)
+        weight = next(net.parameters())
+        x = torch.randn(4, 3, 6, 6, generator=g).to(weight.device, weight.dtype)
 
         def closure():
             loss = net(x).float().square().mean()
@@ -25,15 +28,15 @@ def train(net, opt, steps, g=None):
 
         opt.step(closure)
         opt.zero_grad()
-    return [p.detach().float().clone() for p in net.parameters()]
+    return [p.detach().float().cpu() for p in net.parameters()]
 
 
-def test_stochastic_rounding_keeps_updates_below_half_an_ulp():
+def test_stochastic_rounding_keeps_updates_below_half_an_ulp(device="cpu"):
     """lr 1e-4 moves a weight of 1.0 by far less than half a bf16 ulp (2**-8) a step:
     round-to-nearest bf16 AdamW never moves it; AdamWBF16 moves weights within an ulp of
     fp32 AdamW, and on average exactly as far."""
-    start = torch.ones(4096)
-    grads = torch.randn(100, 4096, generator=torch.Generator().manual_seed(0)) + 0.5
+    start = torch.ones(4096, device=device)
+    grads = (torch.randn(100, 4096, generator=torch.Generator().manual_seed(0)) + 0.5).to(device)
     results = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("sr", torch.bfloat16)):
         p = torch.nn.Parameter(start.to(dtype, copy=True))
@@ -52,22 +55,22 @@ def test_stochastic_rounding_keeps_updates_below_half_an_ulp():
     assert (results["sr"].mean() - results["fp32"].mean()).abs() < 0.1 * drift  # RTN: off by all of it
 
 
-def test_fused_backward_gives_the_same_weights_as_the_plain_step():
-    a, b = tiny_net(), tiny_net()
+def test_fused_backward_gives_the_same_weights_as_the_plain_step(device="cpu"):
+    a, b = tiny_net(device=device), tiny_net(device=device)
     plain = train(a, speed.AdamWBF16(a.parameters(), lr=1e-3), 5)
     fused = train(b, speed.AdamWBF16(b.parameters(), lr=1e-3, fused_backward=True), 5)
     assert all(torch.equal(x, y) for x, y in zip(plain, fused))
     assert all(p.grad is None for p in b.parameters())
 
 
-def test_resuming_from_state_dict_gives_the_same_weights():
-    a, b = tiny_net(), tiny_net()
+def test_resuming_from_state_dict_gives_the_same_weights(device="cpu"):
+    a, b = tiny_net(device=device), tiny_net(device=device)
     opt_a = speed.AdamWBF16(a.parameters(), lr=1e-3)
     whole = train(a, opt_a, 6)
     opt_b = speed.AdamWBF16(b.parameters(), lr=1e-3)
     train(b, opt_b, 3)
     state, weights = copy.deepcopy(opt_b.state_dict()), copy.deepcopy(b.state_dict())
-    c = tiny_net()
+    c = tiny_net(device=device)
     c.load_state_dict(weights)
     opt_c = speed.AdamWBF16(c.parameters(), lr=1e-3)
     opt_c.load_state_dict(state)
@@ -90,3 +93,57 @@ def test_cpu_runs_are_unchanged(tiny_model):
     assert model.unet._compiled_call_impl is None
     assert not model.unet.is_gradient_checkpointing
     assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.unet.parameters())
+
+
+def test_only_adamw_gets_bf16_weights_on_a_gpu():
+    """bitsandbytes' 8-bit AdamW rounds bf16 weights to nearest (updates below half an ulp are
+    lost), so it keeps fp32 master weights; AdamWBF16 rounds stochastically."""
+    settings = {"precision": "auto", "optimizer": "adamw"}
+    assert speed.bf16_weights(settings, "cuda")
+    assert not speed.bf16_weights({**settings, "optimizer": "adamw8bit"}, "cuda")
+    assert not speed.bf16_weights({**settings, "precision": "32-true"}, "cuda")
+    assert not speed.bf16_weights(settings, "cpu")
+
+
+@pytest.mark.parametrize("fused_backward", [False, True])
+def test_a_frozen_parameter_is_not_updated_as_in_torch_adamw(fused_backward, device="cpu"):
+    """After its network stops training (requires_grad False), a weight keeps its value: no
+    momentum tail, no weight decay. torch's AdamW on fp32 copies does the same."""
+    net = tiny_net(device=device)
+    ref = copy.deepcopy(net).float()
+    opt = speed.AdamWBF16(net.parameters(), lr=1e-2, weight_decay=0.1, fused_backward=fused_backward)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1)
+    train(net, opt, 3)
+    train(ref, ref_opt, 3)
+    before = [p.detach().clone() for p in net.parameters()]
+    ref_before = [p.detach().clone() for p in ref.parameters()]
+    net[2].requires_grad_(False)
+    ref[2].requires_grad_(False)
+    after = train(net, opt, 3)
+    ref_after = train(ref, ref_opt, 3)
+    for weights, start in ((after, before), (ref_after, ref_before)):
+        assert not torch.equal(weights[0], start[0].float().cpu())  # the first layer trains on
+        assert all(torch.equal(a, b.float().cpu()) for a, b in zip(weights[2:], start[2:]))
+
+
+def micro_batches(opt, p, contributions):
+    """One accumulation window of len(contributions) micro-batches, as Lightning runs it, in which
+    micro-batch k's gradient of p is contributions[k]; p.grad at the end (what the step uses)."""
+    opt.zero_grad()
+    for c in contributions:
+        opt.before_backward()
+        (p.float() * c).sum().backward()
+        opt.after_backward()
+    return p.grad.float()
+
+
+def test_accumulated_gradients_are_summed_in_fp32(device="cpu"):
+    """One large gradient then seven each below half a bf16 ulp of the sum: summed in bf16 they
+    vanish; summed in fp32 they move the gradient the step sees by two ulps."""
+    p = torch.nn.Parameter(torch.ones(16, dtype=torch.bfloat16, device=device))
+    opt = speed.AdamWBF16([p], lr=1e-3, accumulation_steps=8)
+    contributions = [1.0] + [2**-9] * 7
+    exact = torch.tensor(sum(contributions), device=device).bfloat16().float()
+    assert exact > 1.0
+    assert torch.all(micro_batches(opt, p, contributions) == exact)
+    assert torch.all(micro_batches(opt, p, [0.5] * 8) == 4.0)  # a new window starts from zero

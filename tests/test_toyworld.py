@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from dreampipe import checkpoint, class_images, config, evaluate, prepare, tiny, toyworld, train
+from dreampipe import checkpoint, class_images, config, evaluate, prepare, pretrain, tiny, toyworld, train
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = ROOT / "models" / "toy-sd"
@@ -53,13 +53,16 @@ def test_every_caption_word_is_a_tokenizer_word_and_captions_round_trip():
     assert len(tok(max(captions, key=len)).input_ids) <= tok.model_max_length
 
 
-def test_the_committed_base_model_is_a_small_fp16_sd_checkpoint():
+def test_the_committed_base_model_is_a_small_fp16_sd_checkpoint_whose_latent_scale_gives_unit_variance():
     path = TOY / "toy-sd.safetensors"
     assert path.stat().st_size < 20 * 2**20
-    sd, meta = checkpoint.read_state_dict(path)
+    sd, _ = checkpoint.read_state_dict(path)
     assert {str(v.dtype) for k, v in sd.items() if v.is_floating_point()} == {"torch.float16"}
+    # What the UNet was pretrained on: VAE latents of toy pictures, scaled to unit variance (as
+    # SD's 0.18215). Fresh seeds, never encoded in pretraining; SD's factor would give 0.23.
     model = checkpoint.load(path, tokenizer=TOY / "tokenizer")
-    assert model.vae.config.scaling_factor == json.loads(meta[checkpoint.ARCHITECTURE_KEY])["vae"]["scaling_factor"]
+    means, _, _ = pretrain.encode(model.vae, list(range(5 * 10**6, 5 * 10**6 + 128)))
+    assert 0.9 < float((means * model.vae.config.scaling_factor).std()) < 1.1
 
 
 def test_the_shipped_classifier_reads_toy_world_pictures():

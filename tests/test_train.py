@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import CLIPTokenizer
 
 from dreampipe import checkpoint, config, prepare, sampling, train
 from dreampipe.errors import DreampipeError
@@ -179,6 +180,33 @@ def test_changed_training_value_starts_fresh_and_unchanged_resumes(tiny_model, i
     assert "starting fresh" in caplog.text and "resuming" not in caplog.text
 
 
+def test_a_saved_state_whose_keys_do_not_match_the_model_is_refused(tiny_model, instance, tmp_path):
+    subjects = [(instance, None)]
+    run(tiny_model, subjects, tmp_path, keep_state=True)
+    state = tmp_path / ".state" / train.STATE_FILE
+    ckpt = torch.load(state, weights_only=True)
+    dropped = next(k for k in ckpt["state_dict"] if k.startswith("unet."))
+    ckpt["state_dict"]["unet.extra.weight"] = ckpt["state_dict"].pop(dropped)
+    torch.save(ckpt, state)
+    with pytest.raises(DreampipeError, match=f"does not match.*missing.*{dropped}.*unexpected.*unet.extra.weight"):
+        run(tiny_model, subjects, tmp_path, keep_state=True)
+
+
+def test_fingerprint_hashes_each_input_once_by_content(tmp_path):
+    """The base model (GBs) is hashed as a stream and the hash is kept by (path, size, mtime):
+    a resume does not read it again; a changed file (new mtime) gets a new fingerprint."""
+    model, cache, s = tmp_path / "model.safetensors", tmp_path / ".cache" / "hashes.json", settings()
+    model.write_bytes(b"a" * 1000)
+    first = train.fingerprint(s, [model], 1, cache=cache)
+    st = model.stat()
+    model.write_bytes(b"b" * 1000)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert train.fingerprint(s, [model], 1, cache=cache) == first  # not read again
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert train.fingerprint(s, [model], 1, cache=cache) != first
+    assert train.fingerprint({**s, "learning_rate": 1.0}, [model], 1, cache=cache) != first
+
+
 # ---- options -----------------------------------------------------------------------------------
 
 def distance(a: dict, b: dict, prefix: str = UNET) -> float:
@@ -217,6 +245,34 @@ def test_text_encoder_changes_only_when_trained_and_until_its_stop_step(tiny_mod
     assert identical(part(stopped, TEXT), part(two_steps, TEXT))
     assert not identical(part(stopped, TEXT), part(trained, TEXT))
     assert all(identical(part(w, VAE), part(base, VAE)) for w in (frozen, trained, stopped))
+
+
+def test_text_encoder_learning_rate_zero_keeps_the_text_encoder(tiny_model, instance, tmp_path):
+    base = load_file(tiny_model[0])
+    weights = run(tiny_model, [(instance, None)], tmp_path, train_text_encoder=True, text_encoder_learning_rate=0)
+    assert identical(part(weights, TEXT), part(base, TEXT))
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.9, 0.97, 0.99, 1.0])
+def test_ema_is_the_mean_of_the_first_steps_then_an_exponential_average_with_the_decay(
+        decay, device="cpu", weights=torch.float64):
+    """EMA weights after n steps, of the weights w_1..w_n the steps made: up to m = 1/(1 - decay)
+    steps their plain mean, after it the exponential average with the decay (weight decay^k for
+    the weights of k steps ago) continuing from that mean; decay 1 is the plain mean of all.
+    On a GPU (tests/test_gpu.py) the weights are bf16 and the average is still fp32."""
+    p = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64 if weights == torch.float64 else torch.float32,
+                                       device=device))
+    ema = train.ema_model([p], decay)  # before the weights are cast, as in DreamBooth
+    p.data = p.data.to(weights)
+    trained = (torch.linspace(1, 3, 60, dtype=torch.float64) ** 2).to(weights).double()
+    for w in trained:
+        p.data.fill_(w)
+        ema.step([p])
+    n, m = len(trained), min(len(trained), round(1 / (1 - decay)) if decay < 1 else len(trained))
+    expected = decay ** (n - m) * trained[:m].mean() + sum((1 - decay) * decay ** (n - k) * trained[k - 1]
+                                                          for k in range(m + 1, n + 1))
+    tolerance = 1e-9 if weights == torch.float64 else 1e-6  # fp32 average; bf16 would be off by ~1e-3
+    assert torch.allclose(ema.shadow_params[0].double().cpu(), expected.reshape(1), rtol=tolerance)
 
 
 def test_ema_gives_the_model_averaged_weights(tiny_model, instance, tmp_path):
@@ -334,9 +390,15 @@ def test_two_subjects_train_into_one_model(tiny_model, instance, class_images, t
         m["caption"] = "a photo of sks dog"
     (second / "manifest.json").write_text(json.dumps(manifest))
     subjects = [(instance, class_manifest(class_images, 3)), (second, class_manifest(class_images, 2, "a photo of a dog"))]
-    run(tiny_model, subjects, tmp_path, max_steps=3)
-    steps = [int(r.split(",")[0]) for r in (tmp_path / "train" / "loss.csv").read_text().splitlines()[1:]]
-    assert steps == [1, 2, 3]
+    # A token's embedding row gets a gradient only from batches whose captions hold it; without
+    # weight decay an untouched row stays as it was. Both identifiers learn: both subjects trained.
+    trained = run(tiny_model, subjects, tmp_path, max_steps=3, train_text_encoder=True, adam_weight_decay=0.0)
+    key = f"{TEXT}text_model.embeddings.token_embedding.weight"
+    before, after = load_file(tiny_model[0])[key], trained[key]
+    ids = CLIPTokenizer.from_pretrained(str(tiny_model[1])).convert_tokens_to_ids
+    assert not torch.equal(after[ids("zxq</w>")], before[ids("zxq</w>")]), "the first subject did not train"
+    assert not torch.equal(after[ids("sks</w>")], before[ids("sks</w>")]), "the second subject did not train"
+    assert torch.equal(after[ids("cat</w>")], before[ids("cat</w>")]), "a word of no caption changed"
 
 
 def test_a_character_with_subjects_prepares_each_and_makes_a_class_set_per_class(workflow):
@@ -387,3 +449,76 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     moved = distance(single, base)
     assert distance(ddp, single) < 0.3 * moved
     assert distance(wrong_batch, single) > 0.5 * moved
+
+
+# ---- the GPU path's order of work, checked on the CPU ---------------------------------------------
+
+def test_final_grid_and_model_are_written_before_lightning_moves_the_networks_off_the_device(
+        tiny_model, instance, tmp_path, monkeypatch):
+    """Lightning's teardown moves the module to the CPU when fit returns: on a GPU, anything done
+    after that runs on the CPU (minutes at SD size). The last grid and the model come first."""
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    events = []
+    teardown, save, generate = SingleDeviceStrategy.teardown, checkpoint.save, sampling.generate
+    monkeypatch.setattr(SingleDeviceStrategy, "teardown", lambda self: (events.append("teardown"), teardown(self))[1])
+    monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (events.append("save"), save(*a, **k))[1])
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: (events.append("grid"), generate(*a, **k))[1])
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=2)
+    assert events == ["grid", "save", "teardown"]
+
+
+def test_ema_model_is_written_from_the_fp32_average_not_through_the_training_dtype(tiny_model, instance, tmp_path,
+                                                                                 monkeypatch):
+    """The UNet written with EMA on is the EMA's own fp32 copy: a bf16 UNet must not round it."""
+    written = {}
+    save = checkpoint.save
+
+    def spy(model, path, *a, unet_weights=None, **k):
+        written.update(unet_weights or {})
+        model.unet.to(torch.bfloat16)  # as on a GPU: the trained UNet holds bf16 weights
+        return save(model, path, *a, unet_weights=unet_weights, **k)
+
+    monkeypatch.setattr(checkpoint, "save", spy)
+    weights = run(tiny_model, [(instance, None)], tmp_path, max_steps=3, ema=True, learning_rate=1e-2)
+    assert written and all(v.dtype == torch.float32 for v in written.values())
+    key = "conv_in.weight"
+    ldm = UNET + "input_blocks.0.0.weight"
+    assert torch.equal(weights[ldm], written[key].cpu())
+    assert not torch.equal(weights[ldm], written[key].to(torch.bfloat16).float().cpu())
+
+
+def test_state_is_written_in_the_background_while_training_goes_on(tiny_model, instance, tmp_path, monkeypatch):
+    """A state save hands a snapshot to a writer thread; the saved state is the step's, however far
+    training got while it was written."""
+    writes, release = [], __import__("threading").Event()
+    write = train.SaveState._write
+
+    def slow(self, state, step):
+        release.wait(60)  # training must not wait for this
+        writes.append(state["global_step"])
+        write(self, state, step)
+
+    monkeypatch.setattr(train.SaveState, "_write", slow)
+    progress = train.Progress.on_train_batch_end
+
+    def on_step(self, trainer, *a):
+        progress(self, trainer, *a)
+        if trainer.global_step == 4:
+            release.set()  # training reached step 4 while step 2's state was being written
+
+    monkeypatch.setattr(train.Progress, "on_train_batch_end", on_step)
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=6, save_state_every_n_steps=2, keep_state=True)
+    assert writes == [2, 4]
+    saved = torch.load(tmp_path / ".state" / train.STATE_FILE, weights_only=True)
+    assert saved["global_step"] == 4
+
+
+def test_state_is_saved_by_elapsed_minutes(tiny_model, instance, tmp_path, monkeypatch):
+    clock = iter(range(0, 10**6, 40))  # every reading of the clock is 40 s later
+    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
+    saved = []
+    monkeypatch.setattr(train.SaveState, "_write", lambda self, state, step: saved.append(step))
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=5, save_state_every_n_steps=0,
+        save_state_every_n_minutes=1)
+    assert saved == [2, 4]  # a minute has passed at every other step end

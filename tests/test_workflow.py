@@ -1,5 +1,7 @@
 """End to end: the Snakemake DAG on the tiny model, and its staleness rules."""
 
+import json
+
 import torch
 import yaml
 
@@ -19,11 +21,17 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
         assert (out / name / "train" / "loss.png").exists()
         assert not (out / name / ".state").exists(), "state is removed once the model is written"
 
-    # the exported file loads back and draws an image
+    # the exported file holds the trained weights in fp16 (export.dtype's default), with the
+    # training settings in its metadata, and loads back to draw an image
+    exported, meta = checkpoint.read_state_dict(out / "bob" / "bob.safetensors")
+    trained, _ = checkpoint.read_state_dict(out / "bob" / "train" / "model.safetensors")
+    assert {v.dtype for v in exported.values() if v.is_floating_point()} == {torch.float16}
+    unet = [k for k in trained if k.startswith(checkpoint.UNET_PREFIX)]
+    assert unet and all(torch.equal(exported[k], trained[k].half()) for k in unet)
+    assert json.loads(meta["dreampipe.settings"])["subjects"][0]["token"] == "sks"
     model = checkpoint.load(out / "bob" / "bob.safetensors", tokenizer=out / "base" / "tiny-sd-tokenizer")
-    assert model.unet.dtype == torch.float32
     [image] = sampling.generate(model, ["a photo of sks robot"], [0], resolution=64, steps=2)
-    assert image.size == (64, 64)
+    assert image.size == (64, 64) and any(lo < hi for lo, hi in image.getextrema()), "a blank image"
 
     # the report shows every character's pictures, each identical to its file
     workflow.snakemake("--report", "results/report.html")

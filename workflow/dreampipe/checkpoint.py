@@ -153,14 +153,16 @@ def _refuse(path, found: str):
                          "1.x models only for now: pick an SD 1.x base model")
 
 
-def load(path, tokenizer=None, use_ema: bool = False, fallback=None) -> StableDiffusion:
-    """Load an SD 1.x model from a single file (.ckpt/.safetensors) or a diffusers folder.
+def load(path, tokenizer=None, use_ema: bool = False, fallback=None, device=None,
+         dtype: torch.dtype = torch.float32) -> StableDiffusion:
+    """Load an SD 1.x model from a single file (.ckpt/.safetensors) or a diffusers folder, as
+    `dtype` on `device` (the file's tensors go to the device first and are cast there).
 
     `fallback` is a second checkpoint supplying the VAE and/or text encoder when `path` lacks them.
     """
     path = Path(path)
     if path.is_dir():
-        return _load_diffusers_folder(path, tokenizer)
+        return _load_diffusers_folder(path, tokenizer).to(device, dtype)
     sd, meta = read_state_dict(path)
     arch = architecture_of(meta)
     check_sd1(sd, path, arch)
@@ -172,7 +174,7 @@ def load(path, tokenizer=None, use_ema: bool = False, fallback=None) -> StableDi
         if not _has(sd, prefix):
             raise DreampipeError(f"{path}: the checkpoint has no {what} weights ({prefix}*); set "
                                  "base_model_fallback to a full SD 1.x checkpoint to take them from")
-    return from_ldm(sd, arch, load_tokenizer(tokenizer, path), source=path)
+    return from_ldm(sd, arch, load_tokenizer(tokenizer, path), source=path).to(device, dtype)
 
 
 def architecture_of(meta: dict) -> dict:
@@ -211,7 +213,8 @@ def inference_weights(sd: dict, use_ema: bool = False, source="checkpoint") -> d
 
 def from_ldm(sd: dict, arch: dict, tokenizer, source="checkpoint") -> StableDiffusion:
     """Build the networks from LDM weights. They are created on the meta device and take the
-    loaded tensors as they are: no random initialisation (20 s for an SD 1.x UNet on a CPU)."""
+    loaded tensors as they are, in the file's dtype: no random initialisation (20 s for an SD 1.x
+    UNet on a CPU)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint,
                                                      convert_ldm_unet_checkpoint,
@@ -242,7 +245,7 @@ def from_ldm(sd: dict, arch: dict, tokenizer, source="checkpoint") -> StableDiff
             n = text_encoder.config.max_position_embeddings
             text_encoder.get_submodule(owner).register_buffer("position_ids", torch.arange(n)[None],
                                                               persistent=False)
-    return StableDiffusion(unet, vae, text_encoder, tokenizer, arch).to(dtype=torch.float32)
+    return StableDiffusion(unet, vae, text_encoder, tokenizer, arch)
 
 
 def _load_diffusers_folder(path: Path, tokenizer) -> StableDiffusion:
@@ -260,7 +263,7 @@ def _load_diffusers_folder(path: Path, tokenizer) -> StableDiffusion:
             "text_encoder": _public(text_encoder.config.to_dict()),
             "scheduler": sd1_architecture()["scheduler"]}
     tok = load_tokenizer(tokenizer or (path / "tokenizer"), path)
-    return StableDiffusion(unet, vae, text_encoder, tok, arch).to(dtype=torch.float32)
+    return StableDiffusion(unet, vae, text_encoder, tok, arch)
 
 
 def _from_pretrained(cls, path: Path, subfolder: str, what: str):
@@ -377,11 +380,12 @@ def _rename(key: str, prefixes: list[tuple[str, str]], leaves: list[tuple[str, s
     return key
 
 
-def to_ldm(model: StableDiffusion) -> dict:
-    """The model's weights under the original SD 1.x (LDM) key names."""
+def to_ldm(model: StableDiffusion, unet_weights: dict | None = None) -> dict:
+    """The model's weights under the original SD 1.x (LDM) key names; `unet_weights` (diffusers
+    names) replace the UNet's own, e.g. its EMA average."""
     out = {}
     unet_pairs = _unet_prefixes(model.architecture["unet"])
-    for k, v in model.unet.state_dict().items():
+    for k, v in {**model.unet.state_dict(), **(unet_weights or {})}.items():
         leaves = _UNET_RESNET if ".resnets." in k else []
         out[UNET_PREFIX + _rename(k, unet_pairs, leaves)] = v
     vae_pairs = _vae_prefixes(model.architecture["vae"])
@@ -402,12 +406,14 @@ def to_ldm(model: StableDiffusion) -> dict:
 FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
-def save(model: StableDiffusion, path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
-    """Write the model as one LDM-layout file (.safetensors, or .ckpt), atomically."""
+def save(model: StableDiffusion, path, dtype: str | None = "fp16", metadata: dict | None = None,
+         unet_weights: dict | None = None) -> Path:
+    """Write the model as one LDM-layout file (.safetensors, or .ckpt), atomically, from whichever
+    device its weights are on."""
     meta = dict(metadata or {})
     if not is_sd1(model.architecture):
         meta[ARCHITECTURE_KEY] = json.dumps(model.architecture)
-    return write_file(to_ldm(model), path, dtype, meta)
+    return write_file(to_ldm(model, unet_weights), path, dtype, meta)
 
 
 def is_sd1(arch: dict) -> bool:
@@ -418,13 +424,14 @@ def is_sd1(arch: dict) -> bool:
                for part in ("unet", "vae", "text_encoder") for k, v in sd1[part].items())
 
 
-def write_file(weights: dict, path, dtype: str = "fp16", metadata: dict | None = None) -> Path:
+def write_file(weights: dict, path, dtype: str | None = "fp16", metadata: dict | None = None) -> Path:
     """An LDM state dict as .safetensors (or, by the name's suffix, a .ckpt that A1111 reads:
-    {"state_dict": ...}), floats cast to `dtype`, written atomically."""
+    {"state_dict": ...}), floats cast to `dtype` (None: each keeps its own), written atomically."""
     path = Path(path)
     if path.suffix not in FILE_SUFFIXES:
         raise DreampipeError(f"{path}: unknown checkpoint type; name the output *.safetensors or *.ckpt")
-    weights = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous()
+    # one tensor at a time to the CPU, then cast: no second copy of the model on the GPU
+    weights = {k: (v.detach().cpu().to(DTYPES.get(dtype, v.dtype)) if v.is_floating_point() else v.cpu()).contiguous()
                for k, v in weights.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     check_disk_space(path, sum(v.numel() * v.element_size() for v in weights.values()))

@@ -21,6 +21,9 @@ from .errors import DreampipeError
 from .files import write_json
 
 KEYWORDS = ("generate", "instance", "none")
+# Compiling the UNet's blocks (27 s with cold caches on an H200) pays for itself from about this
+# many images x sampling steps (250 images at 50 steps; docs/benchmarks.md); below, the GPU samples eagerly.
+COMPILE_FROM_IMAGE_STEPS = 12500
 
 
 def source(class_data: str, character_file) -> str:
@@ -110,22 +113,23 @@ def write_manifest(manifest: Path, prompt: str, files: list[Path]) -> None:
 
 def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler, steps,
               guidance_scale, resolution, batch_size, base_options):
-    import torch
     from tqdm import tqdm
 
-    from . import checkpoint, sampling, speed
+    from . import sampling, speed
     from .images import save_atomic
 
-    device = sampling.pick_device()
-    model = checkpoint.load(model_path, tokenizer=tokenizer, **base_options)
-    model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    speed.prepare_sampling(model, device)
+    model = sampling.load(model_path, tokenizer, base_options)
+    on_gpu = speed.on_gpu(sampling.pick_device())
     if batch_size == "auto":
-        batch_size = 16 if device.type == "cuda" else 4
+        batch_size = 16 if on_gpu else 4
+    if on_gpu and len(todo) * steps >= COMPILE_FROM_IMAGE_STEPS:
+        speed.prepare_sampling(model, "cuda", scope="blocks")
     with tqdm(total=len(todo), unit="img", desc="class images") as bar:
         for start in range(0, len(todo), batch_size):
             indexes = todo[start:start + batch_size]
-            images = sampling.generate(model, [prompt] * len(indexes), indexes,
+            # on a GPU the last batch is padded to the full size: a compiled graph keeps its shape
+            seeds = indexes + [indexes[-1]] * (batch_size - len(indexes)) if on_gpu else indexes
+            images = sampling.generate(model, [prompt] * len(seeds), seeds,
                                        resolution=resolution, steps=steps,
                                        guidance_scale=guidance_scale,
                                        negative_prompt=negative_prompt, sampler=sampler)

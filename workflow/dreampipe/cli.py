@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -103,7 +102,7 @@ def cmd_train(a):
         raise DreampipeError("train: give one --class-manifest per --instance-dir, or none")
     subjects = [(Path(d), Path(m) if m else None)
                 for d, m in zip(a.instance_dir, a.class_manifest or [None] * len(a.instance_dir))]
-    settings = {**json.loads(a.settings), **json.loads(a.progress_settings)}
+    settings = {**json.loads(a.settings), **json.loads(a.untracked_settings)}
     train.run(a.model, a.tokenizer, subjects, settings, Path(a.state), Path(a.workdir), Path(a.out),
               base_options=base_options(a))
 
@@ -233,8 +232,8 @@ def main(argv=None) -> int:
     sp.add_argument("--instance-dir", required=True, action="append", help="prepared photos; once per subject")
     sp.add_argument("--class-manifest", action="append", help="class images of the subject; once per subject")
     sp.add_argument("--settings", required=True, help="JSON of the train settings")
-    sp.add_argument("--progress-settings", default="{}", help="JSON of more train settings: those that "
-                    "change what is written along the way, not the weights")
+    sp.add_argument("--untracked-settings", default="{}", help="JSON of the train settings that do not "
+                    "shape the weights (config.NON_SHAPING_SETTINGS), which Snakemake does not track")
     sp.add_argument("--state", required=True, help="resumable state folder")
     sp.add_argument("--workdir", required=True, help="folder for samples and loss logs")
     sp.add_argument("--out", required=True)
@@ -277,7 +276,7 @@ def main(argv=None) -> int:
     if a.command in GPU_COMMANDS:
         from . import gpu_slots
 
-        slot = gpu_slots.acquire(Path(os.environ.get("DREAMPIPE_GPU_SLOTS", "/tmp/dreampipe-gpu-slots")))
+        slot = gpu_slots.acquire(gpu_slots.lock_dir())
         if slot is not None:
             log.info("using GPU %d", slot)
     start = time.time()

@@ -1,6 +1,8 @@
 """Config and character files: validation with one clear message per mistake, defaults, merging.
 
-Standard library, yaml, jsonschema and omegaconf only: the Snakefile imports this at parse time.
+Standard library, yaml, jsonschema and omegaconf only: the Snakefile imports this at parse time
+(train imports it for model_id and NON_SHAPING_SETTINGS where only the standard library and yaml are
+sure to be installed, so the others are imported where they are used).
 OmegaConf merges the layers (schema defaults, config.yaml, --config, the character file) and fills
 ${...} interpolations; the schemas check every value; prompts' {token}-style placeholders are
 filled here, per subject.
@@ -16,11 +18,7 @@ import re
 import string
 from pathlib import Path
 
-import jsonschema
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import GrammarParseError, InterpolationKeyError, OmegaConfBaseException
-from referencing import Registry, Resource
 
 from .errors import DreampipeError
 from .files import write_json
@@ -30,11 +28,11 @@ SECTIONS = ("prepare", "class_images", "train", "export", "sample")
 TINY = "tiny"
 SUBJECT_KEYS = ("instance_dir", "token", "class_word", "instance_prompt")
 # Training settings that change what training writes along the way (sample grids, saved state,
-# progressive checkpoints), not the weights: changing one reruns nothing, and a training that
-# resumes keeps its state.
-PROGRESS_SETTINGS = ("sample_every_n_steps", "sample_prompts", "sample_seeds", "sample_steps",
-                     "sample_guidance_scale", "save_state_every_n_steps", "keep_state",
-                     "save_every_n_steps", "keep_last")
+# progressive checkpoints) or how fast it runs, not the weights: changing one reruns nothing, and
+# a training that resumes keeps its state.
+NON_SHAPING_SETTINGS = ("sample_every_n_steps", "sample_prompts", "sample_seeds", "sample_steps",
+                        "sample_guidance_scale", "save_state_every_n_steps", "save_state_every_n_minutes",
+                        "keep_state", "save_every_n_steps", "keep_last", "compile")
 PROMPT_WORDS = ["token", "class_word", "instance_prompt"]  # what {placeholders} of prompts may name
 # A character's name is its file's name; it is part of every output path and of shell commands,
 # so it is kept to characters that need no quoting anywhere, and short enough for derived names
@@ -46,7 +44,9 @@ def _schema(name: str) -> dict:
     return yaml.safe_load((SCHEMAS / f"{name}.schema.yaml").read_text())
 
 
-def _registry() -> Registry:
+def _registry():
+    from referencing import Registry, Resource  # here: train uses model_id where jsonschema is absent
+
     return Registry().with_resource("config.schema.yaml", Resource.from_contents(_schema("config")))
 
 
@@ -62,6 +62,8 @@ def read_yaml(path: Path) -> dict:
 
 def validate(data: dict, schema_name: str, path) -> None:
     """Raise one DreampipeError naming the file, the key and the fix for the first mistake."""
+    import jsonschema
+
     schema = _schema(schema_name)
     validator = jsonschema.Draft202012Validator(schema, registry=_registry())
     errors = sorted(validator.iter_errors(data), key=lambda e: (len(e.path), list(map(str, e.path))))
@@ -109,6 +111,9 @@ def merge(*layers: dict, data: dict, path, configfile, resolve: bool = True) -> 
     """The layers merged, later ones overriding earlier ones key by key (lists are replaced whole),
     with ${...} interpolations filled (if `resolve`). A bad interpolation is one line naming its key
     and the file it was written in: `path`, where `data` came from, or else config.yaml."""
+    from omegaconf import OmegaConf  # here: train imports this module where only model_id is needed
+    from omegaconf.errors import GrammarParseError, InterpolationKeyError, OmegaConfBaseException
+
     try:
         return OmegaConf.to_container(OmegaConf.merge(*layers), resolve=resolve)
     except OmegaConfBaseException as e:
@@ -241,11 +246,11 @@ def train_settings(c: dict) -> dict:
 
 
 def split_train_settings(c: dict) -> tuple[dict, dict]:
-    """(settings that shape the trained weights, PROGRESS_SETTINGS): only the first are tracked by
-    Snakemake, so a sampling or saving change does not retrain."""
+    """(settings that shape the trained weights, NON_SHAPING_SETTINGS): only the first are tracked
+    by Snakemake, so a sampling, saving or speed change does not retrain."""
     settings = train_settings(c)
-    return ({k: v for k, v in settings.items() if k not in PROGRESS_SETTINGS},
-            {k: v for k, v in settings.items() if k in PROGRESS_SETTINGS})
+    return ({k: v for k, v in settings.items() if k not in NON_SHAPING_SETTINGS},
+            {k: v for k, v in settings.items() if k in NON_SHAPING_SETTINGS})
 
 
 def model_files(path: str) -> list[str]:
@@ -314,4 +319,5 @@ def reference_markdown() -> str:
 
 def _row(key: str, prop: dict, required: bool = False) -> str:
     default = "required" if required else f"`{json.dumps(prop.get('default'))}`"
-    return f"| `{key}` | {default} | {prop.get('description', '').strip()} |"
+    meaning = " ".join(prop.get("description", "").split())
+    return f"| `{key}` | {default} | {meaning.replace('|', chr(92) + '|')} |"

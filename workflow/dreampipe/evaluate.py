@@ -166,7 +166,7 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
     """Score base and finetuned model on the same seeds; write JSON and a markdown table.
     "described" is the reference: the base model prompted with the subject in words, which is
     about the best fidelity to expect of it without finetuning."""
-    from . import checkpoint, sampling
+    from . import sampling
     from .images import grid, save_atomic
 
     net = load_classifier(classifier_path)
@@ -184,8 +184,8 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
         pictures.extend((im, f"{label}: {prompt} #{s}") for im, s in zip(images, seeds))
         return net.predict(images)
 
-    for label, path, options in (("before", base_model_path, base_options or {}), ("after", model_path, {})):
-        model = checkpoint.load(path, tokenizer=tokenizer, **options).to(sampling.pick_device())
+    for label, path, options in (("before", base_model_path, base_options), ("after", model_path, None)):
+        model = sampling.load(path, tokenizer, options)
         result[label] = scores(draw(model, label, instance_prompt), draw(model, label, class_prompt),
                                subject, class_word)
         if label == "before":

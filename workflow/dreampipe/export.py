@@ -11,10 +11,15 @@ from . import checkpoint
 
 
 def run(trained: Path, out: Path, dtype: str = "fp16", tokenizer=None, settings: dict | None = None) -> Path:
-    model = checkpoint.load(trained, tokenizer=tokenizer)
     if Path(out).suffix not in checkpoint.FILE_SUFFIXES:
-        return checkpoint.save_diffusers(model, out, dtype=dtype)
+        return checkpoint.save_diffusers(checkpoint.load(trained, tokenizer=tokenizer), out, dtype=dtype)
     meta = {"dreampipe.settings": json.dumps(settings or {}, sort_keys=True),
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
             "modelspec.title": Path(out).stem}
-    return checkpoint.save(model, out, dtype=dtype, metadata=meta)
+    if Path(trained).is_dir():
+        return checkpoint.save(checkpoint.load(trained, tokenizer=tokenizer), out, dtype=dtype, metadata=meta)
+    # a single file (training writes one) is in the LDM layout already: cast its tensors, build no networks
+    weights, found = checkpoint.read_state_dict(trained)
+    if checkpoint.ARCHITECTURE_KEY in found:
+        meta[checkpoint.ARCHITECTURE_KEY] = found[checkpoint.ARCHITECTURE_KEY]
+    return checkpoint.write_file(checkpoint.inference_weights(weights), out, dtype, meta)

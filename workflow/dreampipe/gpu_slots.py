@@ -1,7 +1,8 @@
 """One GPU per job: Snakemake's `gpu` resource is only a counter and never says which GPU a job
 gets (snakemake issue #281). Each GPU job takes the first free slot by holding an exclusive
-flock on results/.gpu-slots/<i>.lock for its lifetime and sees only that GPU through
-CUDA_VISIBLE_DEVICES. The kernel drops the lock when the process ends in any way (success,
+flock on <i>.lock in /tmp/dreampipe-gpu-slots (DREAMPIPE_GPU_SLOTS moves it; one folder per host,
+so that jobs of different workflows on the host share it) for its lifetime and sees only that GPU
+through CUDA_VISIBLE_DEVICES. The kernel drops the lock when the process ends in any way (success,
 failure, SIGKILL), so a slot can never leak and never be handed to two jobs at once."""
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import time
 from pathlib import Path
 
 _held = []  # keeps the lock files open (and so locked) until the process exits
+
+
+def lock_dir() -> Path:
+    return Path(os.environ.get("DREAMPIPE_GPU_SLOTS", "/tmp/dreampipe-gpu-slots"))
 
 
 def gpu_count() -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint, sampling
+from . import sampling
 from .images import grid, save_atomic, stack
 
 
 def model_grid(model_path, tokenizer, prompts, seeds, resolution, steps, guidance_scale, title, base_options=None):
-    model = checkpoint.load(model_path, tokenizer=tokenizer, **(base_options or {})).to(sampling.pick_device())
+    model = sampling.load(model_path, tokenizer, base_options)
     ps = [p for p in prompts for _ in seeds]
     ss = [s for _ in prompts for s in seeds]
     images = sampling.generate(model, ps, ss, resolution=resolution, steps=steps, guidance_scale=guidance_scale)

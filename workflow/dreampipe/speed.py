@@ -1,11 +1,13 @@
 """The GPU fast path of training and sampling. On the CPU nothing here changes anything.
 
-Training on a GPU (precision auto or bf16-mixed): the networks hold bf16 weights and AdamWBF16
-keeps them faithful (fp32 arithmetic, stochastic rounding, so that updates far below a bf16 ulp
-still add up); the UNet is channels-last and compiled (CUDA graphs by default: the eager step is
-launch-bound). The low-memory profile adds gradient checkpointing and runs each weight's optimizer
-step inside the backward pass, so gradients are never all held at once.
-Sampling on a GPU: bf16, channels-last, the UNet compiled.
+Training on a GPU (precision auto or bf16-mixed, optimizer adamw): the trained networks hold bf16
+weights and AdamWBF16 keeps them faithful (fp32 arithmetic, stochastic rounding, so that updates
+far below a bf16 ulp still add up); frozen networks keep the dtype they were loaded in, so they are
+written out exactly as loaded. The UNet is channels-last, and its forward and backward are
+replayed as CUDA graphs (no compile: the eager step is launch-bound). The low-memory profile adds
+gradient checkpointing and runs each weight's optimizer step inside the backward pass, so
+gradients are never all held at once.
+Sampling on a GPU: bf16, channels-last; the UNet compiled block by block for long jobs.
 """
 
 from __future__ import annotations
@@ -23,19 +25,44 @@ def on_gpu(device) -> bool:
 
 
 def bf16_weights(settings: dict, device) -> bool:
-    return on_gpu(device) and settings["precision"] in ("auto", "bf16-mixed")
+    """bf16 weights only for the optimizer that rounds them stochastically (AdamWBF16): any other
+    (bitsandbytes' 8-bit AdamW) rounds to nearest, which drops every update below half a bf16 ulp,
+    so it updates fp32 master weights while autocast computes in bf16."""
+    return on_gpu(device) and settings["precision"] in ("auto", "bf16-mixed") and settings["optimizer"] == "adamw"
 
 
-def compile_mode(settings: dict) -> str | None:
-    """`train.compile`: auto = CUDA graphs, except in the low-memory profile (whose per-weight
-    optimizer steps need the eager backward); false = eager; else a torch.compile mode."""
-    mode = settings.get("compile", "auto")
-    if mode in ("auto", True):
-        return None if settings.get("low_memory") else "reduce-overhead"
-    return None if mode is False else mode
+# Regional compilation: these blocks make up nearly all of the UNet's work and repeat with a few
+# distinct shapes, so compiling each block alone costs a fraction of compiling the whole UNet.
+REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
-def compile_module(module: torch.nn.Module, mode: str) -> None:
+def compile_scope(settings: dict, world_size: int = 1) -> str | None:
+    """`train.compile`: graphs = the UNet's forward and backward replayed as CUDA graphs, nothing
+    compiled; blocks = each repeated block compiled alone; unet = the whole UNet compiled, with CUDA
+    graphs; false = eager. auto = graphs on one GPU, blocks under DDP, eager in the low-memory
+    profile (whose per-weight optimizer steps run inside the eager backward)."""
+    scope = settings.get("compile", "auto")
+    if scope == "auto":
+        return None if settings.get("low_memory") else "graphs" if world_size == 1 else "blocks"
+    return scope or None
+
+
+def compile_unet(unet: torch.nn.Module, scope: str) -> None:
+    """Compile the UNet in place (state_dict keys unchanged): whole (CUDA graphs) or block by block."""
+    if scope == "graphs":
+        return  # see GraphedUNet
+    if scope == "unet":
+        compile_module(unet, "reduce-overhead")
+        return
+    # one graph per distinct block shape, each specialised (no dynamic-shape kernels)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    for block in unet.modules():
+        if type(block).__name__ in REPEATED_BLOCKS:
+            compile_module(block, None)
+
+
+def compile_module(module: torch.nn.Module, mode: str | None) -> None:
     """Compile in place (state_dict keys unchanged), eager if the compiler fails."""
     module._compiled_call_impl = compiled_or_eager(module._call_impl, mode=mode)
 
@@ -63,29 +90,73 @@ def eager():
     return torch.compiler.set_stance("force_eager")
 
 
-def prepare_training(model, settings: dict, device) -> None:
-    """Ready a StableDiffusion model, already on `device`, for training."""
+class GraphedUNet:
+    """The UNet's training forward and backward replayed as CUDA graphs (make_graphed_callables):
+    the eager step is launch-bound (thousands of small kernels), and this removes the launches
+    without compiling anything. A graph has fixed shapes: one is captured per input signature
+    (e.g. the text context needs a gradient until text_encoder_steps, then not). It runs in the
+    UNet's bf16 without autocast; fp32 weights keep the step's autocast, without its cache, which
+    graphs cannot hold."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet, self.graphs = unet, {}
+
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return self.unet(sample, timesteps, encoder_hidden_states=context).sample
+        dtype = next(self.unet.parameters()).dtype
+        args = (sample.to(dtype), timesteps, context.to(dtype))
+        key = tuple((a.shape, a.dtype, a.requires_grad) for a in args)
+        mixed = dtype == torch.float32 and torch.is_autocast_enabled("cuda")
+        with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=mixed, cache_enabled=False):
+            if key not in self.graphs:
+                statics = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+                self.graphs[key] = torch.cuda.make_graphed_callables(_UNetCall(self.unet), statics,
+                                                                     allow_unused_input=True)
+            return self.graphs[key](*args)
+
+
+class _UNetCall(torch.nn.Module):
+    """The UNet as a function of tensors only, as make_graphed_callables needs."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timesteps, context):
+        return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+
+
+def prepare_training(model, settings: dict, device, world_size: int = 1):
+    """Ready a StableDiffusion model, already on `device`, for training; returns the UNet call of
+    the training step: f(noisy latents, timesteps, text context) -> predicted noise."""
+    def plain(sample, timesteps, context):
+        return model.unet(sample, timesteps, encoder_hidden_states=context).sample
+
     if not on_gpu(device):
-        return
+        return plain
     if bf16_weights(settings, device):
-        model.to(dtype=torch.bfloat16)
+        model.unet.to(dtype=torch.bfloat16)
+        if settings["train_text_encoder"]:
+            model.text_encoder.to(dtype=torch.bfloat16)
     model.unet.to(memory_format=torch.channels_last)
     if settings.get("low_memory"):
         model.unet.enable_gradient_checkpointing()
-    mode = compile_mode(settings)
-    if mode:
-        compile_module(model.unet, mode)
+    scope = compile_scope(settings, world_size)
+    if scope:
+        compile_unet(model.unet, scope)
+    return GraphedUNet(model.unet) if scope == "graphs" else plain
 
 
-def prepare_sampling(model, device) -> None:
-    """Ready a StableDiffusion model, already on `device` in its sampling dtype, for sampling."""
+def prepare_sampling(model, device, scope: str | None = "blocks") -> None:
+    """Ready a StableDiffusion model, already on `device` in its sampling dtype, for sampling;
+    scope blocks or unet as in compile_unet, None = eager."""
     if not on_gpu(device):
         return
     model.unet.to(memory_format=torch.channels_last)
     model.vae.to(memory_format=torch.channels_last)
-    model.unet.fuse_qkv_projections()  # one matmul for q, k, v of self-attention
-    torch._inductor.config.conv_1x1_as_mm = True
-    compile_module(model.unet, "default")
+    if scope:
+        compile_unet(model.unet, scope)
 
 
 def optimizer(groups: list[dict], settings: dict, device) -> torch.optim.Optimizer:
@@ -97,7 +168,7 @@ def optimizer(groups: list[dict], settings: dict, device) -> torch.optim.Optimiz
         log.warning("low_memory: gradients are applied one weight at a time, so max_grad_norm "
                     "(a norm over all of them) is not applied")
     return AdamWBF16(groups, weight_decay=settings["adam_weight_decay"], seed=settings["seed"],
-                     fused_backward=fused_backward)
+                     fused_backward=fused_backward, accumulation_steps=settings["gradient_accumulation_steps"])
 
 
 # -- AdamW on bf16 weights ----------------------------------------------------------------------
@@ -153,28 +224,45 @@ class AdamWBF16(torch.optim.Optimizer):
     By default a group's weights, gradients and moments are views into flat buffers, updated by
     one compiled kernel per group. With fused_backward, each weight is updated as soon as its
     gradient is accumulated and the gradient is dropped (gradient accumulation and global gradient
-    clipping are then impossible)."""
+    clipping are then impossible).
+
+    Like torch's AdamW, a parameter without a gradient (frozen: requires_grad False, or grad None)
+    is not updated: its weight, moments and weight decay stay put. Unlike torch's, the bias
+    correction counts the optimizer's steps rather than each parameter's, which differs only for
+    a parameter that skips steps and later trains again.
+
+    With accumulation_steps > 1 the micro-batches' gradients are summed in an fp32 buffer (4 more
+    bytes a weight) instead of in bf16, where small contributions to a large sum vanish: the
+    training module calls before_backward() and after_backward() around each micro-batch's
+    backward, and zero_grad() starts a window. The last micro-batch adds to the fp32 sum rounded
+    once, so DDP, which reduces the gradient of the last backward, reduces the whole sum."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, seed: int = 0, fused_backward: bool = False):
+                 weight_decay: float = 1e-2, seed: int = 0, fused_backward: bool = False,
+                 accumulation_steps: int = 1):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        if fused_backward and accumulation_steps > 1:
+            raise ValueError("AdamWBF16: fused_backward cannot accumulate gradients")
         device = self.param_groups[0]["params"][0].device
-        self.seed, self.fused_backward = seed, fused_backward
+        self.seed, self.fused_backward, self.accumulation_steps = seed, fused_backward, accumulation_steps
+        self._micro = 0  # backward passes since zero_grad
         self._step = torch.zeros((), device=device)
         self._lrs = [torch.zeros((), device=device) for _ in self.param_groups]
         self._update = compiled_or_eager(adamw_sr_) if on_gpu(device) else adamw_sr_
-        self._flat, self._offset, self._grads = [], {}, []
+        self._flat, self._offset, self._grads, self._slots = [], {}, [], []
+        keys = ("exp_avg", "exp_avg_sq") if fused_backward else ("param", "grad", "exp_avg", "exp_avg_sq")
         offset = 0
         for i, group in enumerate(self.param_groups):
             n = sum(_slot(p) for p in group["params"])
-            flat = {k: torch.zeros(n, dtype=torch.bfloat16, device=device)
-                    for k in (("exp_avg", "exp_avg_sq") if fused_backward else ("param", "grad", "exp_avg", "exp_avg_sq"))}
-            at = 0
+            flat = {k: torch.zeros(n, dtype=torch.bfloat16, device=device) for k in keys}
+            if accumulation_steps > 1:
+                flat["grad_sum"] = torch.zeros(n, dtype=torch.float32, device=device)
+            slots, at = [], 0
             for p in group["params"]:
                 if p.dtype != torch.bfloat16:
                     raise TypeError("AdamWBF16 needs bf16 parameters")
                 stride = torch.empty_like(p).stride()  # p's own if dense, else contiguous
-                view = {k: t.as_strided(p.shape, stride, at) for k, t in flat.items()}
+                view = {k: flat[k].as_strided(p.shape, stride, at) for k in keys}
                 if not fused_backward:
                     view["param"].copy_(p.detach())
                     p.data, p.grad = view.pop("param"), view.pop("grad")
@@ -183,8 +271,10 @@ class AdamWBF16(torch.optim.Optimizer):
                     p.register_post_accumulate_grad_hook(self._step_one(i))
                 self.state[p] = {"exp_avg": view["exp_avg"], "exp_avg_sq": view["exp_avg_sq"], "step": self._step}
                 self._offset[p] = torch.tensor(offset + at, dtype=torch.int32, device=device)
+                slots.append((p, at, at + _slot(p)))
                 at += _slot(p)
             self._flat.append(flat)
+            self._slots.append(slots)
             offset += n
 
     def _update_slice(self, i, p, g, m, v, offset):
@@ -212,24 +302,62 @@ class AdamWBF16(torch.optim.Optimizer):
         if not self.fused_backward:
             self._collect_grads()
             for i, flat in enumerate(self._flat):
-                offset = self._offset[self.param_groups[i]["params"][0]]
-                self._update_slice(i, flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"], offset)
+                for p, start, end in self._runs(i):
+                    self._update_slice(i, *(flat[k][start:end] for k in ("param", "grad", "exp_avg", "exp_avg_sq")),
+                                       self._offset[p])
         return loss
 
+    def _runs(self, i):
+        """(first parameter, start, end) of each run of consecutive parameters of group i that have
+        a gradient: one run for the whole buffer when all of them do, none when the group is frozen."""
+        runs = []
+        for p, start, end in self._slots[i]:
+            if not (p.requires_grad and p.grad is not None):
+                continue
+            if runs and runs[-1][2] == start:
+                runs[-1][2] = end
+            else:
+                runs.append([p, start, end])
+        return runs
+
     def _collect_grads(self):
-        """Gradients that someone replaced (e.g. set to None before backward) go back into the flat buffer."""
+        """Gradients that someone replaced (e.g. autograd, for a parameter whose grad was None)
+        go back into the flat buffer."""
         for p, view in self._grads:
-            if p.grad is not view:
-                view.copy_(p.grad) if p.grad is not None else view.zero_()
+            if p.grad is not None and p.grad is not view:
+                view.copy_(p.grad)
                 p.grad = view
 
+    @torch.no_grad()
+    def before_backward(self):
+        """Before a micro-batch's backward: the bf16 gradients receive this micro-batch alone, or
+        for the last one of the window the fp32 sum so far."""
+        if self.accumulation_steps == 1 or self._micro == 0:
+            return
+        last = self._micro == self.accumulation_steps - 1
+        self._collect_grads()
+        for flat in self._flat:
+            flat["grad"].copy_(flat["grad_sum"]) if last else flat["grad"].zero_()
+
+    @torch.no_grad()
+    def after_backward(self):
+        """After a micro-batch's backward: add its gradients to the fp32 sum (but the last's, which
+        the step takes from the bf16 gradients)."""
+        if self.accumulation_steps > 1 and self._micro < self.accumulation_steps - 1:
+            self._collect_grads()
+            for flat in self._flat:
+                flat["grad_sum"].add_(flat["grad"]) if self._micro else flat["grad_sum"].copy_(flat["grad"])
+        self._micro += 1
+
     def zero_grad(self, set_to_none: bool = True):
-        """Gradients stay views of the flat buffer (autograd accumulates into them in place)."""
+        """Gradients stay views of the flat buffer (autograd accumulates into them in place), but
+        a frozen parameter's is None, as torch leaves it after a backward with set_to_none."""
+        self._micro = 0
         for flat in self._flat:
             if "grad" in flat:
                 flat["grad"].zero_()
         for p, view in self._grads:
-            p.grad = view
+            p.grad = view if p.requires_grad else None
 
     def load_state_dict(self, state_dict):
         views = {p: dict(st) for p, st in self.state.items()}

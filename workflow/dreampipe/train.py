@@ -15,6 +15,8 @@ import logging
 import os
 import shutil
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -24,8 +26,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import checkpoint, sampling, speed
-from .config import PROGRESS_SETTINGS
+from . import checkpoint, config, sampling, speed
 from .errors import DreampipeError
 from .images import grid, save_atomic, stack
 
@@ -33,9 +34,9 @@ log = logging.getLogger("dreampipe.train")
 STATE_FILE = "last.ckpt"
 # Reading a loss waits for the GPU: the loss CSV and TensorBoard read them every this many steps.
 LOG_EVERY_N_STEPS = 25
-# Settings that change what is written along the way but not the trained weights: changing one
-# resumes the saved state instead of starting over.
-NOT_SHAPING_WEIGHTS = (*PROGRESS_SETTINGS, "devices")
+# Settings that do not change the trained weights: changing one resumes the saved state instead of
+# starting over. The devices too: the fingerprint holds the world size, which is what counts.
+NOT_SHAPING_WEIGHTS = (*config.NON_SHAPING_SETTINGS, "devices")
 
 
 def rng(*key) -> torch.Generator:
@@ -121,7 +122,6 @@ class DreamBooth(pl.LightningModule):
     def __init__(self, model: checkpoint.StableDiffusion, settings: dict):
         super().__init__()
         from diffusers import DDPMScheduler
-        from diffusers.training_utils import EMAModel
 
         self.sd, self.s = model, settings
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
@@ -130,9 +130,9 @@ class DreamBooth(pl.LightningModule):
         self.text_encoder.requires_grad_(settings["train_text_encoder"])
         if settings["gradient_checkpointing"]:
             self.unet.enable_gradient_checkpointing()
-        # the decay ramps up as (1 + step) / (10 + step) up to ema_decay, so short runs average too
-        self.ema = EMAModel(self.unet.parameters(), decay=settings["ema_decay"], foreach=True) if settings["ema"] else None
-        self.strict_loading = False  # saved state holds only the trained networks
+        # an fp32 copy: made before the weights are cast to bf16 for training on a GPU
+        self.ema = ema_model(self.unet.parameters(), settings["ema_decay"]) if settings["ema"] else None
+        self.strict_loading = False  # saved state holds only the trained networks: on_load_checkpoint checks the keys
 
     # -- caches: the VAE is frozen, so latents are encoded once; so are captions while the text
     #    encoder is frozen.
@@ -150,6 +150,7 @@ class DreamBooth(pl.LightningModule):
         self.caption_embeddings = None
         if not self.text_encoder_trained():
             self.cache_captions()
+        log.info("latents of %d images cached", len(dm.instance_images) + len(dm.class_images))
 
     def cache_captions(self):
         """Embed every caption once: the text encoder is frozen, from the start or since text_encoder_steps."""
@@ -163,10 +164,14 @@ class DreamBooth(pl.LightningModule):
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> dict:
+        """The frozen VAE keeps its loaded dtype (so it is written out exactly as loaded); on a
+        GPU it encodes under bf16 autocast."""
         out = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
+        fast = torch.autocast(self.device.type, torch.bfloat16, enabled=speed.bf16_weights(self.s, self.device))
         for chunk in pixels.split(8):
             for suffix, x in (("", chunk), ("_flip", chunk.flip(-1))):
-                dist = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist
+                with fast:
+                    dist = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist
                 out["mean" + suffix].append(dist.mean.float())
                 out["std" + suffix].append(dist.std.float())
         return {k: torch.cat(v) for k, v in out.items()}
@@ -213,7 +218,7 @@ class DreamBooth(pl.LightningModule):
             context = self._embed([self.captions[i] for i in caption_ids.tolist()])
         else:
             context = self.caption_embeddings[upload(self.device, caption_ids)[0]]
-        pred = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        pred = self.unet_call(noisy, timesteps, context)
         loss = instance_loss = F.mse_loss(pred[:n_inst].float(), noise[:n_inst].float())
         prior_loss = torch.full_like(loss, float("nan"))
         self.log("instance_loss", instance_loss)
@@ -228,13 +233,14 @@ class DreamBooth(pl.LightningModule):
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
-        speed.prepare_training(self.sd, self.s, self.device)
+        self.unet_call = speed.prepare_training(self.sd, self.s, self.device, self.trainer.world_size)
         factor = lr_factor(self.s, self.trainer.world_size, len(self.trainer.datamodule.instance_captions))
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
                    "lr": self.s["learning_rate"] * factor}]
         if self.s["train_text_encoder"]:
             groups.append({"params": list(self.text_encoder.parameters()),
-                           "lr": (self.s["text_encoder_learning_rate"] or self.s["learning_rate"]) * factor})
+                           "lr": (self.s["learning_rate"] if self.s["text_encoder_learning_rate"] is None
+                                  else self.s["text_encoder_learning_rate"]) * factor})
         if factor != 1:
             log.info("learning rate scaled x%g (%s) to %s", factor, self.s["scale_lr"], [g["lr"] for g in groups])
         optimizer = make_optimizer(groups, self.s, self.device)
@@ -242,23 +248,48 @@ class DreamBooth(pl.LightningModule):
                                   num_training_steps=self.s["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # AdamWBF16 sums the gradients of an accumulation window in fp32 (bf16 would drop small parts)
+    def on_before_backward(self, loss):
+        if isinstance(self.trainer.optimizers[0], speed.AdamWBF16):
+            self.trainer.optimizers[0].before_backward()
+
+    def on_after_backward(self):
+        if isinstance(self.trainer.optimizers[0], speed.AdamWBF16):
+            self.trainer.optimizers[0].after_backward()
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if self.ema:
             self.ema.step(self.unet.parameters())
 
+    def trained_prefixes(self) -> tuple[str, ...]:
+        return ("unet.", "text_encoder.") if self.s["train_text_encoder"] else ("unet.",)
+
     def on_save_checkpoint(self, ckpt):
-        trained = ("unet.", "text_encoder.") if self.s["train_text_encoder"] else ("unet.",)
-        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(trained)}
+        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(self.trained_prefixes())}
         if self.ema:
             ckpt["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, ckpt):
+        expected = {k for k in self.state_dict() if k.startswith(self.trained_prefixes())}
+        missing, unexpected = sorted(expected - ckpt["state_dict"].keys()), sorted(ckpt["state_dict"].keys() - expected)
+        if missing or unexpected:
+            raise DreampipeError(
+                f"{self.trainer.ckpt_path}: the saved training state does not match the model ({len(missing)} missing "
+                f"keys, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): delete "
+                f"{Path(self.trainer.ckpt_path).parent} to start over")
         if self.ema:
             self.ema.load_state_dict(ckpt["ema"])
 
+    def trained_unet(self) -> dict | None:
+        """UNet weights to write instead of the parameters: the EMA average, from its fp32 copy."""
+        if not self.ema:
+            return None
+        return {name: shadow for (name, _), shadow in zip(self.unet.named_parameters(), self.ema.shadow_params)}
+
     def with_ema_weights(self, action):
-        """Run action() with the EMA weights in the UNet (if EMA is on), then put the raw ones back."""
+        """Run action() with the EMA weights in the UNet (if EMA is on), then put the raw ones back
+        (for sample grids: the weights pass through the UNet's dtype)."""
         if not self.ema:
             return action()
         self.ema.store(self.unet.parameters())
@@ -273,6 +304,17 @@ class DreamBooth(pl.LightningModule):
         trained = [p for p in self.parameters() if p.requires_grad]
         size = sum(p.numel() * p.element_size() for p in trained) * 3
         return size + (sum(p.numel() * 4 for p in self.unet.parameters()) if self.ema else 0)
+
+
+def ema_model(parameters, decay: float):
+    """An EMA of the weights that is the plain mean of the steps' weights until 1/(1 - decay) steps,
+    then the exponential average with this decay. (diffusers' default ramp, (1 + s) / (10 + s),
+    holds the decay below 0.99 for 890 steps, so that every decay above behaved alike in a
+    DreamBooth run.)"""
+    from diffusers.training_utils import EMAModel
+
+    # warm-up 1 - (1 + s / inv_gamma)^-power = s / (1 + s) at update s + 1: the running mean
+    return EMAModel(parameters, decay=decay, use_ema_warmup=True, inv_gamma=1.0, power=1.0, foreach=True)
 
 
 def lr_factor(settings: dict, world_size: int, instance_images: int) -> float:
@@ -308,18 +350,24 @@ def at_step_end(trainer, batch_idx: int) -> bool:
 
 
 class SaveState(pl.Callback):
-    """Lightning state (weights, optimizer, EMA, scheduler, step) every n steps and at SIGTERM/SIGINT,
-    written atomically into the state dir, which Snakemake never deletes."""
+    """Lightning state (weights, optimizer, EMA, scheduler, step) every n steps or minutes and at
+    SIGTERM/SIGINT, written atomically into the state dir, which Snakemake never deletes.
 
-    def __init__(self, state_dir: Path, every_n_steps: int):
-        self.path, self.every = Path(state_dir) / STATE_FILE, every_n_steps
+    A save must not stall training: the state is snapshotted (on the GPU when it has room, a copy
+    at memory speed) and written to disk by a background thread while training goes on. Only a
+    save at a signal waits for the write."""
+
+    def __init__(self, state_dir: Path, every_n_steps: int, every_n_minutes: float):
+        self.path, self.every, self.minutes = Path(state_dir) / STATE_FILE, every_n_steps, every_n_minutes
         self.interrupted, self.saved_step = None, None
         self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.writer, self.error, self.last_save = None, None, time.monotonic()
 
     def on_train_start(self, trainer, module):
         # installed after Lightning's own SIGTERM handler, which would exit at once, mid-accumulation
         for sig in self.previous:
             signal.signal(sig, self._on_signal)
+        self.last_save = time.monotonic()
 
     def _on_signal(self, signum, frame):
         self.interrupted = signal.Signals(signum).name
@@ -328,27 +376,92 @@ class SaveState(pl.Callback):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def save(self, trainer):
+    def save(self, trainer, background: bool = True):
+        self.wait()
         if trainer.is_global_zero:
             checkpoint.check_disk_space(self.path, trainer.lightning_module.state_bytes())
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         if trainer.is_global_zero:
+            self.writer = threading.Thread(target=self._write, args=(snapshot(state), trainer.global_step),
+                                           name="save-state", daemon=True)
+            self.writer.start()
+            if not background:
+                self.wait()
+        trainer.strategy.barrier("save-state")
+        self.saved_step, self.last_save = trainer.global_step, time.monotonic()
+
+    def _write(self, state: dict, step: int):
+        try:
+            state = to_cpu(state)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        self.saved_step = trainer.global_step
+            log.info("state of step %d saved", step)
+        except Exception as e:  # raised in the training thread by wait()
+            self.error = e
+
+    def wait(self):
+        """Until the state being written is on disk."""
+        if self.writer:
+            self.writer.join()
+            self.writer = None
+        if self.error:
+            error, self.error = self.error, None
+            raise DreampipeError(f"{self.path}: could not save the training state ({error})") from error
+
+    def due(self, trainer) -> bool:
+        step = trainer.global_step
+        if step >= trainer.max_steps:
+            return False  # the model is written next
+        by_steps = bool(self.every) and step % self.every == 0
+        by_time = bool(self.minutes) and time.monotonic() - self.last_save >= self.minutes * 60
+        # every rank must save at the same step: rank 0's clock decides
+        return by_steps or trainer.strategy.broadcast(by_time)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if not at_step_end(trainer, batch_idx):
             return
-        step = trainer.global_step
         # every rank must stop at the same step, whichever got the signal
         stop = trainer.strategy.reduce_boolean_decision(bool(self.interrupted), all=False)
         if stop:
             self.interrupted = self.interrupted or "a signal to another rank"
-            self.save(trainer)
+            if trainer.global_step < trainer.max_steps:
+                self.save(trainer, background=False)
             trainer.should_stop = True
-        elif self.every and step % self.every == 0 and step < trainer.max_steps:
+        elif self.due(trainer):
             self.save(trainer)
+
+    def on_train_end(self, trainer, module):
+        self.wait()
+
+
+def snapshot(state):
+    """A copy of the state's tensors that training cannot change: on the GPU when it has room for
+    it (a device copy is a few milliseconds), else on the CPU."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    tensors = []
+    apply_to_collection(state, torch.Tensor, tensors.append)
+    on_gpu = [t for t in tensors if t.is_cuda]
+    room = on_gpu and torch.cuda.mem_get_info(on_gpu[0].device)[0] > 2 * sum(t.nbytes for t in on_gpu)
+    return apply_to_collection(state, torch.Tensor, lambda t: t.clone() if t.is_cuda and room else t.to("cpu", copy=True))
+
+
+def to_cpu(state):
+    """The snapshot's GPU tensors copied to the CPU on a side stream, so training's stream never waits."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    tensors = []
+    apply_to_collection(state, torch.Tensor, tensors.append)
+    if not any(t.is_cuda for t in tensors):
+        return state
+    stream = torch.cuda.Stream(device=next(t for t in tensors if t.is_cuda).device)
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    with torch.cuda.stream(stream):
+        return apply_to_collection(state, torch.Tensor, lambda t: t.to("cpu"))
 
 
 class Progress(pl.Callback):
@@ -378,7 +491,7 @@ class Progress(pl.Callback):
         if step % self.every == 0 or step == trainer.max_steps:
             loss = self.flush()
             self.bar.set_postfix(loss=f"{loss:.4f}")
-            if step % 50 == 0 or step == trainer.max_steps:
+            if step % 50 == 0 or step == trainer.max_steps or step == self.every:
                 log.info("step %d/%d loss %.4f (%s)", step, trainer.max_steps, loss, self.bar.format_dict.get("rate"))
 
     def flush(self) -> float:
@@ -441,20 +554,41 @@ class SaveCheckpoints(pl.Callback):
         if not (trainer.is_global_zero and at_step_end(trainer, batch_idx) and self.every
                 and step % self.every == 0 and step < trainer.max_steps):
             return
-        path = self.dir / f"step-{step:05d}.safetensors"
-        module.with_ema_weights(lambda: checkpoint.save(module.sd, path, dtype="fp16",
-                                                        metadata={"dreampipe.steps": step}))
+        checkpoint.save(module.sd, self.dir / f"step-{step:05d}.safetensors", dtype="fp16",
+                        metadata={"dreampipe.steps": step}, unet_weights=module.trained_unet())
         if self.keep:
             for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.keep]:
                 old.unlink()
 
 
-def fingerprint(settings: dict, inputs: list[Path], world_size: int) -> str:
-    """What shaped this run's weights: the training settings and the content of every input file."""
+class WriteModel(pl.Callback):
+    """After the last step, while the networks are still on the device (when fit returns, Lightning
+    has moved them to the CPU): the final sample grid, and the model as base + what was trained:
+    frozen networks as they were loaded, the UNet from its fp32 EMA copy when EMA is on."""
+
+    def __init__(self, out: Path, sampler: SampleGrid):
+        self.out, self.sampler, self.written = Path(out), sampler, False
+
+    def on_train_end(self, trainer, module):
+        step = trainer.global_step
+        if step < trainer.max_steps or not trainer.is_global_zero:
+            return
+        module.with_ema_weights(lambda: self.sampler.write(module, step))
+        # each network in the dtype it holds: exact, and half the bytes of fp32 for a bf16 UNet
+        checkpoint.save(module.sd, self.out, dtype=None, metadata={"dreampipe.steps": step},
+                        unet_weights=module.trained_unet())
+        log.info("model written to %s", self.out)
+        self.written = True
+
+
+def fingerprint(settings: dict, inputs: list[Path], world_size: int, *, cache: Path) -> str:
+    """What shaped this run's weights: the training settings and the content of every input, each
+    hashed as a stream once and kept in `cache` by (path, size, mtime), so a resume does not read
+    a multi-GB base model again."""
     shaping = {k: v for k, v in settings.items() if k not in NOT_SHAPING_WEIGHTS}
     h = hashlib.sha256(json.dumps({**shaping, "world_size": world_size}, sort_keys=True).encode())
     for path in inputs:
-        h.update(hashlib.sha256(Path(path).read_bytes()).digest() if Path(path).is_file() else str(path).encode())
+        h.update(config.model_id(str(path), cache).encode())
     return h.hexdigest()
 
 
@@ -494,7 +628,8 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     world = world_size(settings["devices"])
     inputs = [Path(p) for p in (model_path, base_options.get("fallback")) if p]
     inputs += [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
-    fp = fingerprint({**settings, "use_ema": base_options.get("use_ema", False)}, inputs, world)
+    fp = fingerprint({**settings, "use_ema": base_options.get("use_ema", False)}, inputs, world,
+                     cache=state_dir.parent / ".cache" / "input-hashes.json")
     resume = state_dir / STATE_FILE
     ckpt_path = resume if resume.exists() and (state_dir / "fingerprint").read_text() == fp else None
     # DDP starts the other ranks by running this command again: only the first prepares the folders
@@ -512,15 +647,19 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         workdir.mkdir(parents=True, exist_ok=True)
 
     pl.seed_everything(settings["seed"], verbose=False)
-    model = checkpoint.load(model_path, tokenizer=tokenizer, **base_options)
+    # on one GPU the model goes there at once, in the file's dtype, and is cast there
+    one_gpu = world == 1 and torch.cuda.is_available() and not isinstance(settings["devices"], list)
+    model = checkpoint.load(model_path, tokenizer=tokenizer, device="cuda" if one_gpu else None, **base_options)
+    log.info("loaded %s", model_path)
     data = DreamBoothData(subjects, settings)
     module = DreamBooth(model, settings)
-    saver = SaveState(state_dir, settings["save_state_every_n_steps"])
+    saver = SaveState(state_dir, settings["save_state_every_n_steps"], settings["save_state_every_n_minutes"])
     sampler = SampleGrid(workdir, settings)
+    writer = WriteModel(out, sampler)
     logger = tensorboard_logger(workdir)
     # the state is saved last, so a kill after it finds this step's grid and checkpoint written
     callbacks = [Progress(workdir), sampler,
-                 SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"]), saver]
+                 SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"]), saver, writer]
     if logger:
         callbacks.append(pl.callbacks.LearningRateMonitor("step"))
     # after text_encoder_steps the text encoder gets no gradients, which DDP must be told
@@ -540,26 +679,20 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         saver.interrupted = "SIGTERM"
     except torch.cuda.OutOfMemoryError:
         raise DreampipeError(
-            "CUDA out of memory while training. In the character file set train.gradient_checkpointing: "
-            "true, train.optimizer: adamw8bit, or a smaller train.batch_size") from None
+            "CUDA out of memory while training. In the character file set train.low_memory: true, "
+            "train.gradient_checkpointing: true, or a smaller train.batch_size") from None
     finally:
         saver.restore_signals()  # from here a kill is a kill: the state on disk stays until the model is written
-    if saver.interrupted:
-        if trainer.global_step == trainer.max_steps != saver.saved_step and trainer.world_size == 1:
-            saver.save(trainer)  # the signal came after the last step
+        saver.wait()
+    if not trainer.is_global_zero:
+        return out
+    if not writer.written:  # stopped by a signal before the last step
         saved = (f"state of step {saver.saved_step} saved in {state_dir}" if saver.saved_step is not None
                  else f"the state in {state_dir} (if any) is unchanged")
         raise DreampipeError(f"training stopped by {saver.interrupted} at step {trainer.global_step}; {saved}: "
                              "run the same command again to resume")
-    if not trainer.is_global_zero:
-        return out
-    if module.ema:
-        module.ema.copy_to(module.unet.parameters())  # the model gets the EMA weights
-    sampler.write(module, trainer.global_step)
     sampler.over_steps(workdir / "samples.png")
     plot_loss(workdir / "loss.csv", workdir / "loss.png")
-    model.to("cpu", torch.float32)
-    checkpoint.save(model, out, dtype="fp32", metadata={"dreampipe.steps": trainer.global_step})
     if not settings["keep_state"]:
         shutil.rmtree(state_dir)
     return out

@@ -36,8 +36,8 @@ rule train:
             dpconfig.split_train_settings(char(wc))[0], sort_keys=True
         ),
         # A function of the output is not a tracked param: changing how often training samples or
-        # saves reruns nothing (the new values apply the next time it trains).
-        progress=lambda wc, output: json.dumps(
+        # saves, or how it compiles, reruns nothing (the new values apply the next time it trains).
+        untracked=lambda wc, output: json.dumps(
             dpconfig.split_train_settings(char(wc))[1], sort_keys=True
         ),
         model=base_model,
@@ -59,5 +59,5 @@ rule train:
         workdir=lambda wc: f"{R}/{wc.character}/train",
     shell:
         "dreampipe train --model {params.model:q} {params.base_options} {params.tokenizer} {params.subjects}"
-        " --settings {params.settings:q} --progress-settings {params.progress:q} --state {params.state:q}"
+        " --settings {params.settings:q} --untracked-settings {params.untracked:q} --state {params.state:q}"
         " --workdir {params.workdir:q} --out {output.model:q} --log {log:q}"
