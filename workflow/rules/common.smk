@@ -56,7 +56,8 @@ def base_model(wildcards):
 
 def base_model_files(wildcards):
     """The base model's files as inputs: a diffusers folder is its files, so rewriting the
-    weights inside it reruns what it shaped (a folder's own mtime does not change then)."""
+    weights inside it reruns what it shaped (a folder's own mtime does not change then).
+    """
     return dpconfig.model_files(base_model(wildcards))
 
 
