@@ -76,7 +76,7 @@ def bench(size: str, repeat: int, work: Path) -> dict:
     configs = diffusers_configs(model, work / f"{size}-configs")
     out = work / f"{size}.safetensors"
     export_s, _ = best_of(repeat, lambda: checkpoint.save(model, out, "fp16"))
-    del model
+    model = None  # free it before loading
     load_s, loaded = best_of(repeat, lambda: checkpoint.load(out, tokenizer_dir))
     del loaded
     baseline_s, pipe = best_of(repeat, lambda: StableDiffusionPipeline.from_single_file(

@@ -353,3 +353,31 @@ def test_missing_vae_keys_without_fallback_is_one_clear_error(tiny, tmp_path):
     with pytest.raises(DreampipeError) as e:
         checkpoint.load(source, tokenizer)
     one_line_error(e, str(source), "VAE", "base_model_fallback")
+
+
+def test_diffusers_folder_whose_pickled_weights_would_run_code_is_one_clear_error(tiny, tmp_path):
+    path, tokenizer, _, _ = tiny
+    folder = export.run(path, tmp_path / "model-diffusers", "fp32", tokenizer)
+    marker = tmp_path / "code-ran"
+    [weights] = (folder / "unet").glob("*.safetensors")
+    torch.save({"extra": RunsCode(marker)}, folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(DreampipeError) as e:
+        checkpoint.load(folder)
+    one_line_error(e, str(folder), "UNet", ".safetensors")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+@pytest.mark.parametrize("out", ["m.safetensors", "m.ckpt", "m-diffusers"])
+def test_exported_models_get_the_mode_the_umask_gives(tiny, tmp_path, umask, out):
+    import os
+
+    path, tokenizer, _, _ = tiny
+    old = os.umask(umask)
+    try:
+        written = export.run(path, tmp_path / out, "fp16", tokenizer)
+    finally:
+        os.umask(old)
+    files = [written] if written.is_file() else [p for p in written.rglob("*") if p.is_file()]
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}

@@ -307,3 +307,53 @@ def test_resolution_must_be_a_multiple_of_64(tmp_path):
     src = folder(tmp_path / "in", a__png=Image.new("RGB", (80, 80)))
     with pytest.raises(DreampipeError, match="multiple of 64"):
         run(src, tmp_path / "out", resolution=100)
+
+
+def test_of_duplicates_the_photo_with_a_caption_is_kept(tmp_path, caplog):
+    photo = halves(80, 60)
+    src = folder(tmp_path / "in", a__png=photo, b__png=photo)
+    (src / "b.txt").write_text("a photo of sks dog, smiling")
+    manifest = run(src, tmp_path / "out")
+    assert [(m["source"].rsplit("/", 1)[1], m["caption"]) for m in manifest][0] == ("b.png", "a photo of sks dog, smiling")
+    assert len(manifest) == 3
+    assert warnings_of(caplog) == ["a.png: dropped: the same training image as b.png, which has a caption"]
+
+
+def png_bomb(path, width, height):
+    """A 1-bit PNG of width x height that is all zeros: a few hundred KB on disk, gigapixels decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows, z = b"\0" * (1 + (width + 7) // 8) * 1000, zlib.compressobj(9)
+    data = b"".join(z.compress(rows) for _ in range(height // 1000)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_refused_as_too_large(tmp_path):
+    src = folder(tmp_path / "in", a__png=Image.new("RGB", (64, 64), RED))
+    png_bomb(src / "bomb.png", 60000, 60000)
+    with pytest.raises(DreampipeError, match=r"bomb.png: 3600 megapixels is too large \(ImageMagick reads at most "):
+        run(src, tmp_path / "out")
+
+
+def test_a_photo_wider_than_imagemagicks_limit_is_refused_as_too_large(tmp_path):
+    src = folder(tmp_path / "in", a__png=Image.new("RGB", (64, 64), RED))
+    png_bomb(src / "wide.png", 40000, 1000)
+    with pytest.raises(DreampipeError, match=r"wide.png: 40000x1000 px is too large.*shrink it"):
+        run(src, tmp_path / "out")
+
+
+def test_a_12000_px_photo_is_prepared_by_the_command(tmp_path):
+    """ImageMagick's default policy (area 128 MP, disk 1 GiB) cannot hold it: the job raises them."""
+    import subprocess
+
+    src = folder(tmp_path / "in", a__png=Image.new("RGB", (64, 64), RED))
+    Image.new("RGB", (12000, 12000), BLUE).save(src / "big.png", compress_level=1)
+    r = subprocess.run(["dreampipe", "prepare", str(src), str(tmp_path / "out"), "--resolution", "64",
+                        "--instance-prompt", "a photo of sks dog"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())[1]["size"] == [12000, 12000]

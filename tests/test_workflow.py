@@ -5,6 +5,7 @@ import json
 import torch
 import yaml
 
+from conftest import TINY_CONFIG
 from dreampipe import checkpoint, report_check, sampling
 
 
@@ -61,6 +62,10 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
     workflow.character("alice", sample={"prompts": ["a photo of zxq robot in a hat"]})
     assert workflow.planned() == [("sample", "alice"), ("settings", "alice")]
 
+    # how often training samples or saves does not shape the weights: nothing reruns
+    workflow.character("alice", train={"sample_every_n_steps": 1, "save_every_n_steps": 2, "keep_last": 5})
+    assert workflow.planned() == [("settings", "alice")]
+
 
 def test_raising_the_class_image_count_generates_only_the_new_images(workflow):
     workflow.character("alice", class_images={"num_class_images": 2, "steps": 2}, train={"max_steps": 1})
@@ -74,3 +79,52 @@ def test_raising_the_class_image_count_generates_only_the_new_images(workflow):
     after = {p.name: p.stat().st_mtime_ns for p in store.glob("0*.png")}
     assert sorted(after) == [f"{i:05d}.png" for i in range(5)]
     assert all(after[name] == mtime for name, mtime in before.items()), "old images were rewritten"
+
+
+def test_use_ema_and_base_model_fallback_reach_every_step_that_loads_the_base_model(workflow, tiny_model):
+    """The base file's plain UNet does not fit (only its EMA copy does) and it has no VAE (the
+    fallback file has): the run succeeds only if both settings reach class images, training and
+    sampling."""
+    path, tokenizer = tiny_model
+    sd, meta = checkpoint.read_state_dict(path)
+    unet = {k: v for k, v in sd.items() if k.startswith(checkpoint.UNET_PREFIX)}
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v.clone() for k, v in unet.items()}
+    broken = {k: v[:1] if k.endswith("out.2.weight") else v for k, v in unet.items()}
+    text = {k: v for k, v in sd.items() if k.startswith(checkpoint.TEXT_PREFIX)}
+    checkpoint.write_file({**broken, **ema, **text}, workflow.path / "base.safetensors", "fp32", meta)
+    checkpoint.write_file(sd, workflow.path / "full.safetensors", "fp32", meta)
+    workflow.write_config({**TINY_CONFIG, "base_model": "base.safetensors", "use_ema": True,
+                           "base_model_fallback": "full.safetensors", "tokenizer": str(tokenizer)})
+    workflow.character("alice")
+    workflow.snakemake()
+    assert (workflow.path / "results" / "alice" / "samples" / "final.png").exists()
+
+    # either setting shapes the class images and the training
+    workflow.write_config({**TINY_CONFIG, "base_model": "base.safetensors", "use_ema": False,
+                           "base_model_fallback": "full.safetensors", "tokenizer": str(tokenizer)})
+    assert {("class_images", ""), ("train", "alice")} <= set(workflow.planned())
+    workflow.write_config({**TINY_CONFIG, "base_model": "base.safetensors", "use_ema": True,
+                           "base_model_fallback": "nowhere.safetensors", "tokenizer": str(tokenizer)})
+    r = workflow.snakemake("-n", check=False)
+    assert r.returncode != 0 and "base_model_fallback 'nowhere.safetensors' is not a file" in r.stderr
+
+
+def rewrite_unet_weights(folder):
+    """New values in the UNet file of a diffusers folder, same size, as a retrained copy would have."""
+    from safetensors.torch import load_file, save_file
+
+    [weights] = (folder / "unet").glob("*.safetensors")
+    sd = load_file(weights)
+    save_file({k: v * 1.01 for k, v in sd.items()}, weights)
+
+
+def test_rewriting_the_weights_inside_a_diffusers_base_model_reruns_what_it_shaped(workflow, tiny_model):
+    path, tokenizer = tiny_model
+    checkpoint.save_diffusers(checkpoint.load(path, tokenizer), workflow.path / "base-diffusers", dtype="fp32")
+    workflow.write_config({**TINY_CONFIG, "base_model": "base-diffusers"})
+    workflow.character("alice")
+    workflow.snakemake("--until", "train")
+    assert ("train", "alice") not in workflow.planned()
+
+    rewrite_unet_weights(workflow.path / "base-diffusers")
+    assert {("class_images", ""), ("train", "alice")} <= set(workflow.planned())

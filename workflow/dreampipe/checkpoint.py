@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import DreampipeError
-from .files import temp_beside
+from .files import human_size, temp_beside, umask_mode
 
 # diffusers warns about every dtype cast of a model it did not load itself. It reads this when
 # first imported (always later, inside functions): importing it here would cost every command,
@@ -255,16 +255,26 @@ def _load_diffusers_folder(path: Path, tokenizer) -> StableDiffusion:
     if not (path / "model_index.json").exists():
         raise DreampipeError(f"{path}: a folder, but not a diffusers model (no model_index.json)")
     _check_diffusers_sd1(path)
-    variant = _variant(path / "unet")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True, variant=variant)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, variant=_variant(path / "vae"))
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True,
-                                                 variant=_variant(path / "text_encoder"))
+    unet, vae, text_encoder = (
+        _from_pretrained(cls, path, sub, what) for cls, sub, what in
+        ((UNet2DConditionModel, "unet", "UNet"), (AutoencoderKL, "vae", "VAE"),
+         (CLIPTextModel, "text_encoder", "text encoder")))
     arch = {"unet": _public(unet.config), "vae": _public(vae.config),
             "text_encoder": _public(text_encoder.config.to_dict()),
             "scheduler": sd1_architecture()["scheduler"]}
     tok = load_tokenizer(tokenizer or (path / "tokenizer"), path)
     return StableDiffusion(unet, vae, text_encoder, tok, arch)
+
+
+def _from_pretrained(cls, path: Path, subfolder: str, what: str):
+    """One network of a diffusers folder. Pickled .bin weights are read with torch.load's
+    weights_only, which refuses anything but tensors."""
+    try:
+        return cls.from_pretrained(path / subfolder, local_files_only=True, variant=_variant(path / subfolder))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DreampipeError(f"{path}: cannot load the {what} from {subfolder}/ ({_first_line(e)}); if it holds "
+                             "pickled .bin weights, convert the folder to .safetensors with a tool you trust, "
+                             "or fetch it again") from None
 
 
 def _public(config) -> dict:
@@ -432,6 +442,7 @@ def write_file(weights: dict, path, dtype: str | None = "fp16", metadata: dict |
         torch.save({"state_dict": {k: _on_cpu(v, dtypes[k]) for k, v in weights.items()}, "metadata": meta}, tmp)
     else:
         _write_safetensors(weights, dtypes, tmp, meta, release_source)
+    umask_mode(tmp)
     os.replace(tmp, path)
     return path
 
@@ -500,6 +511,7 @@ def save_diffusers(model: StableDiffusion, folder, dtype: str = "fp16") -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    umask_mode(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
@@ -511,5 +523,5 @@ def check_disk_space(path: Path, nbytes: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free
     if free < nbytes * 1.1:
-        raise DreampipeError(f"{path}: needs {nbytes / 2**30:.1f} GiB but only "
-                             f"{free / 2**30:.1f} GiB is free on that disk; free some space")
+        raise DreampipeError(f"{path}: needs {human_size(nbytes)} but only {human_size(free)} is free "
+                             "on that disk; free some space")

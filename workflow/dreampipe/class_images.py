@@ -72,16 +72,16 @@ def store_lock(store: Path, log=print):
 
 def run(model_path, tokenizer, store: Path, manifest: Path, count: int, prompt: str,
         negative_prompt: str, sampler: str, steps: int, guidance_scale: float, resolution: int,
-        batch_size: int | str = "auto", log=print) -> list[int]:
+        batch_size: int | str = "auto", log=print, base_options: dict | None = None) -> list[int]:
     """Make the missing images of the first `count`, then write the manifest and contact sheet.
-    Returns the indexes this call made."""
+    Returns the indexes this call made. `base_options` are checkpoint.load's use_ema and fallback."""
     store = Path(store)
     with store_lock(store, log):  # the manifest too: a job of the same count may be writing it
         todo = missing_indexes(store, count)
         log(f"class images: {count - len(todo)} of {count} already in {store}, {len(todo)} to make")
         if todo:
             _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler,
-                      steps, guidance_scale, resolution, batch_size)
+                      steps, guidance_scale, resolution, batch_size, base_options or {})
         write_manifest(Path(manifest), prompt, [image_path(store, i) for i in range(count)])
     return todo
 
@@ -110,13 +110,13 @@ def write_manifest(manifest: Path, prompt: str, files: list[Path]) -> None:
 
 
 def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler, steps,
-              guidance_scale, resolution, batch_size):
+              guidance_scale, resolution, batch_size, base_options):
     from tqdm import tqdm
 
     from . import sampling, speed
     from .images import save_atomic
 
-    model = sampling.load(model_path, tokenizer)
+    model = sampling.load(model_path, tokenizer, base_options)
     on_gpu = speed.on_gpu(sampling.pick_device())
     if batch_size == "auto":
         batch_size = 16 if on_gpu else 4

@@ -13,6 +13,11 @@ from pathlib import Path
 from .errors import DreampipeError
 
 log = logging.getLogger("dreampipe")
+# The traceback of an unexpected error goes to the --log file only: the terminal gets one line.
+traceback_log = logging.getLogger("dreampipe.traceback")
+traceback_log.propagate = False
+traceback_log.addHandler(logging.NullHandler())
+FORMAT = "%(asctime)s %(name)s: %(message)s"
 GPU_COMMANDS = {"class-images", "train", "sample", "evaluate"}
 
 
@@ -21,10 +26,23 @@ def _setup_logging(logfile: str | None) -> None:
     if logfile:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(logfile, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers)
+        handlers[-1].setFormatter(logging.Formatter(FORMAT))
+        traceback_log.addHandler(handlers[-1])
+    logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=handlers)
     for noisy in ("diffusers", "transformers", "pytorch_lightning", "lightning", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric|diffusers|transformers")
+
+
+def base_options(a) -> dict:
+    """How checkpoint.load reads the base model (--use-ema, --base-model-fallback)."""
+    return {"use_ema": a.use_ema, "fallback": a.base_model_fallback}
+
+
+def add_base_options(sp) -> None:
+    sp.add_argument("--use-ema", action="store_true", help="take the base model's UNet from its EMA weights")
+    sp.add_argument("--base-model-fallback", help="full SD 1.x checkpoint supplying the VAE/text encoder "
+                                                  "that the base model lacks")
 
 
 def cmd_tiny_model(a):
@@ -50,7 +68,7 @@ def cmd_evaluate(a):
 
     evaluate.run(a.model, a.base_model, a.tokenizer, Path(a.classifier), Path(a.instance_dir), Path(a.out),
                  a.instance_prompt, a.class_prompt, a.class_word, a.seeds, a.steps, a.guidance_scale,
-                 a.grid and Path(a.grid))
+                 a.grid and Path(a.grid), base_options=base_options(a))
 
 
 def cmd_prepare(a):
@@ -72,7 +90,8 @@ def cmd_class_images(a):
         raise DreampipeError("--store needs --model and --num (or give --prepared instead)")
     made = class_images.run(a.model, a.tokenizer, Path(a.store), Path(a.manifest), a.num, a.prompt,
                             a.negative_prompt, a.sampler, a.steps, a.guidance_scale, a.resolution,
-                            a.batch_size if a.batch_size == "auto" else int(a.batch_size), log=log.info)
+                            a.batch_size if a.batch_size == "auto" else int(a.batch_size), log=log.info,
+                            base_options=base_options(a))
     log.info("made %d new class images", len(made))
 
 
@@ -83,7 +102,9 @@ def cmd_train(a):
         raise DreampipeError("train: give one --class-manifest per --instance-dir, or none")
     subjects = [(Path(d), Path(m) if m else None)
                 for d, m in zip(a.instance_dir, a.class_manifest or [None] * len(a.instance_dir))]
-    train.run(a.model, a.tokenizer, subjects, json.loads(a.settings), Path(a.state), Path(a.workdir), Path(a.out))
+    settings = {**json.loads(a.settings), **json.loads(a.untracked_settings)}
+    train.run(a.model, a.tokenizer, subjects, settings, Path(a.state), Path(a.workdir), Path(a.out),
+              base_options=base_options(a))
 
 
 def cmd_export(a):
@@ -104,7 +125,7 @@ def cmd_sample(a):
     from . import sample
 
     sample.run(a.model, Path(a.out), a.prompt, a.seeds, a.resolution, a.steps, a.guidance_scale,
-               a.tokenizer, a.base_model)
+               a.tokenizer, a.base_model, base_options=base_options(a))
 
 
 def cmd_check_report(a):
@@ -122,6 +143,18 @@ def cmd_config_docs(a):
     from . import config
 
     Path(a.out).write_text(config.reference_markdown())
+
+
+def unexpected(e: Exception, logfile: str | None) -> str:
+    """One line for an error that is not a known user mistake: what happened and where to read more."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        what = f"no space left on the disk{f' writing {e.filename}' if e.filename else ''}; free some space and run it again"
+    else:
+        what = f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return what + (f"; the traceback is in {logfile}" if logfile else
+                   "; run it again with --log FILE to keep the traceback")
 
 
 def main(argv=None) -> int:
@@ -161,6 +194,7 @@ def main(argv=None) -> int:
     sp.add_argument("--steps", type=int, default=25)
     sp.add_argument("--guidance-scale", type=float, default=5.0)
     sp.add_argument("--grid", help="also write the scored pictures as a grid")
+    add_base_options(sp)
 
     sp = add("prepare", cmd_prepare, "photos -> square training images + manifest + contact sheet")
     sp.add_argument("instance_dir")
@@ -190,6 +224,7 @@ def main(argv=None) -> int:
     sp.add_argument("--guidance-scale", type=float, default=10.0)
     sp.add_argument("--resolution", type=int, default=512)
     sp.add_argument("--batch-size", default="auto")
+    add_base_options(sp)
 
     sp = add("train", cmd_train, "DreamBooth finetuning (resumes from --state)")
     sp.add_argument("--model", required=True)
@@ -197,9 +232,12 @@ def main(argv=None) -> int:
     sp.add_argument("--instance-dir", required=True, action="append", help="prepared photos; once per subject")
     sp.add_argument("--class-manifest", action="append", help="class images of the subject; once per subject")
     sp.add_argument("--settings", required=True, help="JSON of the train settings")
+    sp.add_argument("--untracked-settings", default="{}", help="JSON of the train settings that do not "
+                    "shape the weights (config.NON_SHAPING_SETTINGS), which Snakemake does not track")
     sp.add_argument("--state", required=True, help="resumable state folder")
     sp.add_argument("--workdir", required=True, help="folder for samples and loss logs")
     sp.add_argument("--out", required=True)
+    add_base_options(sp)
 
     sp = add("export", cmd_export, "write the model as a pruned single-file checkpoint")
     sp.add_argument("trained")
@@ -224,6 +262,7 @@ def main(argv=None) -> int:
     sp.add_argument("--guidance-scale", type=float, default=7.5)
     sp.add_argument("--tokenizer")
     sp.add_argument("--base-model", help="also sample this model, above (before/after)")
+    add_base_options(sp)
 
     sp = add("check-report", cmd_check_report, "check that every image of a report displays (Chromium)")
     sp.add_argument("report", nargs="?", default="results/report.html")
@@ -248,6 +287,10 @@ def main(argv=None) -> int:
         a.func(a)
     except DreampipeError as e:
         log.error("%s: error: %s", a.command, e)
+        return 1
+    except Exception as e:
+        log.error("%s: error: %s", a.command, unexpected(e, a.log))
+        traceback_log.error("%s failed", a.command, exc_info=True)
         return 1
     log.info("%s done in %.1f s", a.command, time.time() - start)
     return 0

@@ -162,7 +162,7 @@ def scores(instance: list[dict], klass: list[dict], subject: dict, class_word: s
 
 def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_dir: Path,
         out: Path, instance_prompt: str, class_prompt: str, class_word: str, seeds: list[int],
-        steps: int, guidance_scale: float, grid_path: Path | None = None) -> dict:
+        steps: int, guidance_scale: float, grid_path: Path | None = None, base_options: dict | None = None) -> dict:
     """Score base and finetuned model on the same seeds; write JSON and a markdown table.
     "described" is the reference: the base model prompted with the subject in words, which is
     about the best fidelity to expect of it without finetuning."""
@@ -184,8 +184,8 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
         pictures.extend((im, f"{label}: {prompt} #{s}") for im, s in zip(images, seeds))
         return net.predict(images)
 
-    for label, path in (("before", base_model_path), ("after", model_path)):
-        model = sampling.load(path, tokenizer)
+    for label, path, options in (("before", base_model_path, base_options), ("after", model_path, None)):
+        model = sampling.load(path, tokenizer, options)
         result[label] = scores(draw(model, label, instance_prompt), draw(model, label, class_prompt),
                                subject, class_word)
         if label == "before":

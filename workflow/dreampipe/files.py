@@ -21,3 +21,22 @@ def write_json(data, path: Path) -> None:
     tmp = temp_beside(path)
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def human_size(nbytes: float) -> str:
+    """1536 -> '1.5 KiB': a size in the unit that shows its figures."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+
+
+def umask_mode(path: Path) -> None:
+    """Give a written file (or every file and folder under it) the mode a plain open() would:
+    some writers (safetensors) create private 0600 files, which other users of a shared model
+    folder cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)

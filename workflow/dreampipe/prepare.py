@@ -26,6 +26,9 @@ from .errors import DreampipeError
 from .files import write_json
 
 log = logging.getLogger(__name__)
+# Read when wand first loads ImageMagick: resource limits that hold a 12000 px photo (magick/policy.xml).
+# A MAGICK_CONFIGURE_PATH of the user's own is left as it is.
+os.environ.setdefault("MAGICK_CONFIGURE_PATH", str(Path(__file__).resolve().parent / "magick"))
 
 MODES = ("pad", "crop", "stretch")
 GRAVITIES = ("center", "north", "south", "east", "west", "north_west", "north_east", "south_west",
@@ -67,6 +70,7 @@ def prepare_one(source: Path, resolution: int, mode: str = "pad", background: st
 
     data = Path(source).read_bytes()
     _check_complete(data)
+    _check_size(source)
     info = {"sha256": hashlib.sha256(data).hexdigest(), "operations": [], "warnings": []}
     try:
         pixels = _convert(source, resolution, mode, background, gravity, info)
@@ -146,6 +150,34 @@ def _check_complete(data: bytes) -> None:
         pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
     if data.find(b"\xff\xd9", pos) < 0:
         raise BadImage("truncated JPEG (no end marker); copy or export it again")
+
+
+def _check_size(source: Path) -> None:
+    """Refuse, from the header alone, a photo larger than ImageMagick will decode (a decompression
+    bomb, or a huge scan): ImageMagick itself fails on it without saying why."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+    from wand.resource import limits
+
+    most = f"ImageMagick reads at most {limits['width']}x{limits['height']} px"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(source) as im:
+                width, height = im.size
+        except Image.DecompressionBombError as e:  # Pillow's own limit says only the pixel count
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            pixels = int(found.group(1)) if found else 0
+            if pixels > limits["width"] * limits["height"]:
+                raise BadImage(f"{pixels / 1e6:.0f} megapixels is too large ({most}); shrink it, e.g. to "
+                               "4000 px on its long side") from None
+            return
+        except (UnidentifiedImageError, OSError, ValueError):
+            return  # a format Pillow does not read: ImageMagick decides
+    if width > limits["width"] or height > limits["height"]:
+        raise BadImage(f"{width}x{height} px is too large ({most}); shrink it, e.g. to 4000 px on its "
+                       "long side")
 
 
 def _has_transparency(img) -> bool:
@@ -251,23 +283,32 @@ def run(instance_dir: Path, out_dir: Path, resolution: int, mode: str, backgroun
 
 
 def _keep(results: list[dict], instance_dir: Path, on_bad_image: str) -> list[dict]:
-    """The usable photos, in file-name order; says what was wrong with the others."""
+    """The usable photos, in file-name order (a copy kept for its caption takes the place of the
+    first); says what was wrong with the others."""
     bad = [f"{r['source'].name}: {r['error']}" for r in results if "error" in r]
     if bad and on_bad_image == "error":
         raise DreampipeError(f"{instance_dir}: {len(bad)} photo(s) cannot be used; fix or remove them, "
                              f"or set prepare.on_bad_image: skip: " + "; ".join(bad))
-    kept, seen = [], {}
+    kept, seen = [], {}  # seen: pixels -> index in kept
+    captioned = lambda r: r["source"].with_suffix(".txt").is_file()  # noqa: E731
     for r in results:
         name = r["source"].name
         if "error" in r:
             log.warning("%s: skipped: %s", name, r["error"])
+        elif r["pixels"] in seen and captioned(r) and not captioned(kept[seen[r["pixels"]]]):
+            # of duplicates, the one with a caption is kept: the caption is the user's work
+            first = kept[seen[r["pixels"]]]
+            log.warning("%s: dropped: the same training image as %s, which has a caption",
+                        first["source"].name, name)
+            kept[seen[r["pixels"]]] = r
         elif r["pixels"] in seen:
-            log.warning("%s: dropped: the same training image as %s", name, seen[r["pixels"]])
+            log.warning("%s: dropped: the same training image as %s", name, kept[seen[r["pixels"]]]["source"].name)
         else:
-            seen[r["pixels"]] = name
+            seen[r["pixels"]] = len(kept)
             kept.append(r)
-            for w in r["info"]["warnings"]:
-                log.warning("%s: %s", name, w)
+    for r in kept:
+        for w in r["info"]["warnings"]:
+            log.warning("%s: %s", r["source"].name, w)
     if len(kept) < MIN_IMAGES:
         raise DreampipeError(f"{instance_dir}: {len(kept)} usable photo(s); DreamBooth needs at least "
                              f"{MIN_IMAGES} (5-20 is typical) to learn a subject; add photos")

@@ -68,13 +68,14 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load(path, tokenizer) -> StableDiffusion:
-    """A model ready to sample: on the GPU in bf16 (channels-last), else on the CPU in fp32."""
+def load(path, tokenizer, base_options: dict | None = None) -> StableDiffusion:
+    """A model ready to sample: on the GPU in bf16 (channels-last), else on the CPU in fp32.
+    `base_options` are checkpoint.load's use_ema and fallback, for a base model."""
     from . import checkpoint, speed
 
     device = pick_device()
     model = checkpoint.load(path, tokenizer=tokenizer, device=device,
-                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+                            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, **(base_options or {}))
     speed.prepare_sampling(model, device, scope=None)
     return model
 

@@ -40,17 +40,18 @@ def compile_scope(settings: dict, world_size: int = 1) -> str | None:
     """`train.compile`: graphs = the UNet's forward and backward replayed as CUDA graphs, nothing
     compiled; blocks = each repeated block compiled alone; unet = the whole UNet compiled, with CUDA
     graphs; false = eager. auto = graphs on one GPU, blocks under DDP, eager in the low-memory
-    profile (whose per-weight optimizer steps run inside the eager backward)."""
+    profile (whose per-weight optimizer steps run inside the eager backward) and with gradient
+    checkpointing (which recomputes activations in the backward: a memory setting, not a speed one)."""
     scope = settings.get("compile", "auto")
     if scope == "auto":
-        return None if settings.get("low_memory") else "graphs" if world_size == 1 else "blocks"
+        if settings.get("low_memory") or settings.get("gradient_checkpointing"):
+            return None
+        return "graphs" if world_size == 1 else "blocks"
     return scope or None
 
 
 def compile_unet(unet: torch.nn.Module, scope: str) -> None:
     """Compile the UNet in place (state_dict keys unchanged): whole (CUDA graphs) or block by block."""
-    if scope == "graphs":
-        return  # see GraphedUNet
     if scope == "unet":
         compile_module(unet, "reduce-overhead")
         return
@@ -143,9 +144,11 @@ def prepare_training(model, settings: dict, device, world_size: int = 1):
     if settings.get("low_memory"):
         model.unet.enable_gradient_checkpointing()
     scope = compile_scope(settings, world_size)
+    if scope == "graphs":
+        return GraphedUNet(model.unet)
     if scope:
         compile_unet(model.unet, scope)
-    return GraphedUNet(model.unet) if scope == "graphs" else plain
+    return plain
 
 
 def prepare_sampling(model, device, scope: str | None = "blocks") -> None:

@@ -34,11 +34,9 @@ log = logging.getLogger("dreampipe.train")
 STATE_FILE = "last.ckpt"
 # Reading a loss waits for the GPU: the loss CSV and TensorBoard read them every this many steps.
 LOG_EVERY_N_STEPS = 25
-# Settings that change what is written along the way but not the trained weights: changing one
-# resumes the saved state instead of starting over.
-NOT_SHAPING_WEIGHTS = ("sample_every_n_steps", "sample_prompts", "sample_seeds", "sample_steps",
-                       "sample_guidance_scale", "save_state_every_n_steps", "save_state_every_n_minutes",
-                       "keep_state", "save_every_n_steps", "keep_last", "devices", "compile")
+# Settings that do not change the trained weights: changing one resumes the saved state instead of
+# starting over. The devices too: the fingerprint holds the world size, which is what counts.
+NOT_SHAPING_WEIGHTS = (*config.NON_SHAPING_SETTINGS, "devices")
 
 
 def rng(*key) -> torch.Generator:
@@ -453,15 +451,13 @@ def snapshot(state):
 
 
 def to_cpu(state):
-    """The snapshot's GPU tensors copied to the CPU on a side stream, so training's stream never waits."""
+    """The snapshot on the CPU, copied on a side stream so that training's stream never waits."""
     from lightning_utilities.core.apply_func import apply_to_collection
 
-    tensors = []
-    apply_to_collection(state, torch.Tensor, tensors.append)
-    if not any(t.is_cuda for t in tensors):
+    if not torch.cuda.is_available():
         return state
-    stream = torch.cuda.Stream(device=next(t for t in tensors if t.is_cuda).device)
-    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the snapshot's copies are done
     with torch.cuda.stream(stream):
         return apply_to_collection(state, torch.Tensor, lambda t: t.to("cpu"))
 
@@ -620,14 +616,18 @@ def tensorboard_logger(workdir: Path):
 
 
 def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], settings: dict,
-        state_dir: Path, workdir: Path, out: Path) -> Path:
-    """Train on `subjects`, each (prepared instance folder, class manifest or None)."""
+        state_dir: Path, workdir: Path, out: Path, base_options: dict | None = None) -> Path:
+    """Train on `subjects`, each (prepared instance folder, class manifest or None). `base_options`
+    are how checkpoint.load reads the base model (use_ema, fallback)."""
+    base_options = base_options or {}
     state_dir, workdir, out = Path(state_dir), Path(workdir), Path(out)
     for name in ("pytorch_lightning", "lightning_fabric"):  # they reset their levels on import
         logging.getLogger(name).setLevel(logging.ERROR)
     world = world_size(settings["devices"])
-    inputs = [Path(model_path)] + [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
-    fp = fingerprint(settings, inputs, world, cache=state_dir.parent / ".cache" / "input-hashes.json")
+    inputs = [Path(p) for p in (model_path, base_options.get("fallback")) if p]
+    inputs += [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
+    fp = fingerprint({**settings, "use_ema": base_options.get("use_ema", False)}, inputs, world,
+                     cache=state_dir.parent / ".cache" / "input-hashes.json")
     # DDP starts the other ranks by running this command again: only the first prepares the folders
     first_rank = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if first_rank:
@@ -651,7 +651,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     pl.seed_everything(settings["seed"], verbose=False)
     # on one GPU the model goes there at once, in the file's dtype, and is cast there
     one_gpu = world == 1 and torch.cuda.is_available() and not isinstance(settings["devices"], list)
-    model = checkpoint.load(model_path, tokenizer=tokenizer, device="cuda" if one_gpu else None)
+    model = checkpoint.load(model_path, tokenizer=tokenizer, device="cuda" if one_gpu else None, **base_options)
     log.info("loaded %s", model_path)
     data = DreamBoothData(subjects, settings)
     module = DreamBooth(model, settings)

@@ -7,4 +7,4 @@ rule tiny_model:
     conda:
         "../../envs/dreampipe.yaml"
     shell:
-        "dreampipe tiny-model {output.model} --tokenizer {output.tokenizer} --log {log}"
+        "dreampipe tiny-model {output.model:q} --tokenizer {output.tokenizer:q} --log {log:q}"

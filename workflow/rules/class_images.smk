@@ -25,8 +25,8 @@ rule class_images:
     params:
         args=lambda wc: CLASS_SETS[wc.set]["args"],
     shell:
-        "dreampipe class-images {params.args} --num {wildcards.num} --batch-size {resources.class_batch_size}"
-        " --manifest {output.manifest:q} --log {log}"
+        "dreampipe class-images {params.args} --num {wildcards.num:q} --batch-size {resources.class_batch_size:q}"
+        " --manifest {output.manifest:q} --log {log:q}"
 
 
 # Prepared images as class images: the user's class photos, or the instance images themselves
@@ -47,4 +47,4 @@ rule class_prepared:
         class_prompt=prepared_class_prompt,
     shell:
         "dreampipe class-images --prepared {input:q} --manifest {output.manifest:q}"
-        " --prompt {params.class_prompt:q} --log {log}"
+        " --prompt {params.class_prompt:q} --log {log:q}"

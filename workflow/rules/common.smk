@@ -1,6 +1,9 @@
 # Input functions and values shared by the rules. Every value that shapes a stage's output reaches
-# its rule as a plain params entry, so Snakemake reruns exactly the stale steps.
+# its rule as a plain params entry, so Snakemake reruns exactly the stale steps. Every value in a
+# shell command is quoted ({x:q}); a params entry that is several arguments is built here with
+# shlex.join (tests/test_shell_safety.py lists them).
 import json
+import re
 import shlex
 import yaml
 from argparse import Namespace
@@ -10,7 +13,7 @@ from dreampipe import prepare as dpprepare
 
 
 wildcard_constraints:
-    character="|".join(CHARACTERS) or "NONE",
+    character="|".join(map(re.escape, CHARACTERS)) or "NONE",
 
 
 TINY_MODEL = f"{R}/base/tiny-sd.safetensors"
@@ -51,6 +54,31 @@ def base_model(wildcards):
     return TINY_MODEL if m == dpconfig.TINY else m
 
 
+def base_model_files(wildcards):
+    """The base model's files as inputs: a diffusers folder is its files, so rewriting the
+    weights inside it reruns what it shaped (a folder's own mtime does not change then).
+    """
+    return dpconfig.model_files(base_model(wildcards))
+
+
+def base_fallback(wildcards):
+    """The checkpoint supplying what the base model lacks (VAE, text encoder), or none."""
+    return [f for f in [char(wildcards)["base_model_fallback"]] if f]
+
+
+def base_options(wildcards):
+    """How every command that loads the base model reads it (checkpoint.load's use_ema, fallback)."""
+    c = char(wildcards)
+    return shlex.join(
+        (["--use-ema"] if c["use_ema"] else [])
+        + [
+            arg
+            for f in base_fallback(wildcards)
+            for arg in ["--base-model-fallback", f]
+        ]
+    )
+
+
 def tokenizer(wildcards):
     c = char(wildcards)
     if c["tokenizer"]:
@@ -60,7 +88,7 @@ def tokenizer(wildcards):
 
 def tokenizer_arg(wildcards):
     t = tokenizer(wildcards)
-    return f"--tokenizer {t}" if t else ""
+    return shlex.join(["--tokenizer", t]) if t else ""
 
 
 def instance_dirs(wildcards):
@@ -75,10 +103,12 @@ def class_set(c, s):
     """The shared store of class images for subject s of character c."""
     ci = c["class_images"]
     model = c["base_model"]
-    model_id = (
-        "tiny-sd-v1"
-        if model == dpconfig.TINY
-        else dpconfig.model_id(model, Path(R) / ".cache" / "model-hashes.json")
+    cache = Path(R) / ".cache" / "model-hashes.json"
+    # what the loaded base model is: its content, the EMA choice and the fallback's content
+    model_id = "+".join(
+        ["tiny-sd-v1" if model == dpconfig.TINY else dpconfig.model_id(model, cache)]
+        + ["ema"] * c["use_ema"]
+        + [dpconfig.model_id(f, cache) for f in [c["base_model_fallback"]] if f]
     )
     return str(
         dpclass.set_dir(
@@ -129,7 +159,7 @@ def _class_sets():
         wc = Namespace(character=c["name"])
         for s in c["subjects"]:
             sets[Path(class_set(c, s)).name] = {
-                "model": base_model(wc),
+                "model": [*base_model_files(wc), *base_fallback(wc)],
                 "args": shlex.join(
                     [
                         "--model",
@@ -150,7 +180,9 @@ def _class_sets():
                         str(c["prepare"]["resolution"]),
                     ]
                     + (["--tokenizer", tokenizer(wc)] if tokenizer(wc) else [])
-                ),
+                )
+                + " "
+                + base_options(wc),
                 "batch_size": str(ci["batch_size"]),
             }
     return sets

@@ -4,7 +4,8 @@
 rule evaluate:
     input:
         model=exported,
-        base=base_model,
+        base=base_model_files,
+        fallback=base_fallback,
         instance=f"{R}/{{character}}/instance/0",  # the (first) subject
         classifier=lambda wc: toy_classifier(char(wc)),
     output:
@@ -27,10 +28,12 @@ rule evaluate:
         instance_prompt=lambda wc: char(wc)["instance_prompt"],
         class_prompt=lambda wc: char(wc)["class_images"]["class_prompt"],
         class_word=lambda wc: char(wc)["class_word"],
-        seeds=" ".join(map(str, range(16))),
+        seeds=shlex.join(map(str, range(16))),
+        base=base_model,
         tokenizer=tokenizer_arg,
+        base_options=base_options,
     shell:
-        "dreampipe evaluate {input.model:q} --base-model {input.base:q} {params.tokenizer}"
+        "dreampipe evaluate {input.model:q} --base-model {params.base:q} {params.base_options} {params.tokenizer}"
         " --classifier {input.classifier:q} --instance-dir {input.instance:q} --out {output.json:q}"
         " --instance-prompt {params.instance_prompt:q} --class-prompt {params.class_prompt:q}"
-        " --class-word {params.class_word:q} --seeds {params.seeds} --grid {output.grid:q} --log {log}"
+        " --class-word {params.class_word:q} --seeds {params.seeds} --grid {output.grid:q} --log {log:q}"

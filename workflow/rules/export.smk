@@ -20,12 +20,12 @@ rule export:
                     {k: s[k] for k in ("token", "class_word", "instance_prompt")}
                     for s in char(wc)["subjects"]
                 ],
-                **dpconfig.train_settings(char(wc)),
+                **dpconfig.split_train_settings(char(wc))[0],
             }
         ),
     shell:
-        "dreampipe export {input:q} {output:q} --dtype {params.dtype} {params.tokenizer}"
-        " --settings {params.settings:q} --log {log}"
+        "dreampipe export {input:q} {output:q} --dtype {params.dtype:q} {params.tokenizer}"
+        " --settings {params.settings:q} --log {log:q}"
 
 
 rule export_diffusers:
@@ -41,4 +41,4 @@ rule export_diffusers:
         dtype=lambda wc: char(wc)["export"]["dtype"],
         tokenizer=tokenizer_arg,
     shell:
-        "dreampipe export {input:q} {output:q} --dtype {params.dtype} {params.tokenizer} --log {log}"
+        "dreampipe export {input:q} {output:q} --dtype {params.dtype:q} {params.tokenizer} --log {log:q}"

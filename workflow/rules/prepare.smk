@@ -30,7 +30,7 @@ rule prepare:
         on_bad_image=lambda wc: char(wc)["prepare"]["on_bad_image"],
         caption=photo_caption,
     shell:
-        "dreampipe prepare {params.photo_dir:q} {output:q} --resolution {params.resolution}"
-        " --mode {params.mode} --background {params.background:q} --gravity {params.gravity}"
-        " --on-bad-image {params.on_bad_image} --instance-prompt {params.caption:q}"
-        " --workers {threads} --log {log}"
+        "dreampipe prepare {params.photo_dir:q} {output:q} --resolution {params.resolution:q}"
+        " --mode {params.mode:q} --background {params.background:q} --gravity {params.gravity:q}"
+        " --on-bad-image {params.on_bad_image:q} --instance-prompt {params.caption:q}"
+        " --workers {threads:q} --log {log:q}"

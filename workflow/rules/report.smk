@@ -15,4 +15,4 @@ rule settings:
     params:
         settings=lambda wc: yaml.safe_dump(char(wc), sort_keys=False),
     shell:
-        "printf '%s' {params.settings:q} > {output:q} 2> {log}"
+        "printf '%s' {params.settings:q} > {output:q} 2> {log:q}"

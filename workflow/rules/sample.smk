@@ -1,7 +1,8 @@
 rule sample:
     input:
         model=exported,
-        base=base_model,
+        base=base_model_files,
+        fallback=base_fallback,
     output:
         report(
             f"{R}/{{character}}/samples/final.png",
@@ -22,12 +23,14 @@ rule sample:
         prompts=lambda wc: " ".join(
             f"--prompt {shlex.quote(p)}" for p in char(wc)["sample"]["prompts"]
         ),
-        seeds=lambda wc: " ".join(map(str, char(wc)["sample"]["seeds"])),
+        seeds=lambda wc: shlex.join(map(str, char(wc)["sample"]["seeds"])),
         steps=lambda wc: char(wc)["sample"]["steps"],
         guidance_scale=lambda wc: char(wc)["sample"]["guidance_scale"],
         resolution=lambda wc: char(wc)["prepare"]["resolution"],
+        base=base_model,
         tokenizer=tokenizer_arg,
+        base_options=base_options,
     shell:
-        "dreampipe sample {input.model:q} --base-model {input.base:q} --out {output:q} {params.prompts}"
-        " --seeds {params.seeds} --steps {params.steps} --guidance-scale {params.guidance_scale}"
-        " --resolution {params.resolution} {params.tokenizer} --log {log}"
+        "dreampipe sample {input.model:q} --base-model {params.base:q} {params.base_options} --out {output:q} {params.prompts}"
+        " --seeds {params.seeds} --steps {params.steps:q} --guidance-scale {params.guidance_scale:q}"
+        " --resolution {params.resolution:q} {params.tokenizer} --log {log:q}"

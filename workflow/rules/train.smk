@@ -3,7 +3,8 @@
 # --instance-dir D [--class-manifest M].
 rule train:
     input:
-        model=base_model,
+        model=base_model_files,
+        fallback=base_fallback,
         instance=instance_dirs,
         class_manifests=class_manifests,
     output:
@@ -32,9 +33,16 @@ rule train:
         gpu=1,
     params:
         settings=lambda wc: json.dumps(
-            dpconfig.train_settings(char(wc)), sort_keys=True
+            dpconfig.split_train_settings(char(wc))[0], sort_keys=True
         ),
+        # A function of the output is not a tracked param: changing how often training samples or
+        # saves, or how it compiles, reruns nothing (the new values apply the next time it trains).
+        untracked=lambda wc, output: json.dumps(
+            dpconfig.split_train_settings(char(wc))[1], sort_keys=True
+        ),
+        model=base_model,
         tokenizer=tokenizer_arg,
+        base_options=base_options,
         subjects=lambda wc, input: shlex.join(
             [
                 arg
@@ -50,6 +58,6 @@ rule train:
         state=lambda wc: f"{R}/{wc.character}/.state",
         workdir=lambda wc: f"{R}/{wc.character}/train",
     shell:
-        "dreampipe train --model {input.model:q} {params.tokenizer} {params.subjects}"
-        " --settings {params.settings:q} --state {params.state:q}"
-        " --workdir {params.workdir:q} --out {output.model:q} --log {log}"
+        "dreampipe train --model {params.model:q} {params.base_options} {params.tokenizer} {params.subjects}"
+        " --settings {params.settings:q} --untracked-settings {params.untracked:q} --state {params.state:q}"
+        " --workdir {params.workdir:q} --out {output.model:q} --log {log:q}"
