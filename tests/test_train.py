@@ -522,3 +522,16 @@ def test_state_is_saved_by_elapsed_minutes(tiny_model, instance, tmp_path, monke
     run(tiny_model, [(instance, None)], tmp_path, max_steps=5, save_state_every_n_steps=0,
         save_state_every_n_minutes=1)
     assert saved == [2, 4]  # a minute has passed at every other step end
+
+
+def test_ema_curve_shows_the_running_mean_then_the_last_steps_and_reaches_the_loss_plot(tiny_model, instance,
+                                                                                     tmp_path):
+    ema = train.ema_model([torch.nn.Parameter(torch.zeros(1))], 0.99)
+    short, long = train.ema_weights(ema.get_decay, 50), train.ema_weights(ema.get_decay, 1000)
+    assert sum(short) == pytest.approx(1) and sum(long) == pytest.approx(1)
+    assert max(short) == pytest.approx(min(short)), "before 1/(1 - decay) steps: the plain mean of all steps"
+    assert sum(long[-100:]) == pytest.approx(1 - 0.99 ** 100, abs=0.01), "then about the last 100 steps"
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=3, ema=True)
+    with_ema = Image.open(tmp_path / "train" / "loss.png").size
+    run(tiny_model, [(instance, None)], tmp_path / "plain", max_steps=3)
+    assert with_ema[0] > Image.open(tmp_path / "plain" / "train" / "loss.png").size[0], "a second panel for the EMA"

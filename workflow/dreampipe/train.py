@@ -694,13 +694,26 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         raise DreampipeError(f"training stopped by {saver.interrupted} at step {trainer.global_step}; {saved}: "
                              "run the same command again to resume")
     sampler.over_steps(workdir / "samples.png")
-    plot_loss(workdir / "loss.csv", workdir / "loss.png")
+    plot_loss(workdir / "loss.csv", workdir / "loss.png",
+              ema_weights(module.ema.get_decay, trainer.global_step) if module.ema else None)
     if not settings["keep_state"]:
         shutil.rmtree(state_dir)
     return out
 
 
-def plot_loss(csv: Path, png: Path) -> None:
+def ema_weights(decay, steps: int) -> list[float]:
+    """The share of each step's weights in the EMA after `steps` updates, where update n keeps
+    decay(n) of the average (so the shares add up to 1)."""
+    shares, kept = [], 1.0
+    for n in range(steps, 0, -1):
+        d = decay(n)
+        shares.append(kept * (1 - d))
+        kept *= d
+    return shares[::-1]
+
+
+def plot_loss(csv: Path, png: Path, ema: list[float] | None = None) -> None:
+    """The loss per step; with EMA on, beside it the share of each step in the written model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -708,13 +721,19 @@ def plot_loss(csv: Path, png: Path) -> None:
 
     rows = [r.split(",") for r in csv.read_text().splitlines()[1:]]
     steps, loss = [int(r[0]) for r in rows], [float(r[1]) for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, axes = plt.subplots(1, 2 if ema else 1, figsize=(11 if ema else 6, 3.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
     window = max(1, len(loss) // 20)
     smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1]) for i in range(len(loss))]
     ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.legend()
+    if ema:
+        age = sum((len(ema) - k) * w for k, w in enumerate(ema, 1))
+        axes[0][1].plot(range(1, len(ema) + 1), ema)
+        axes[0][1].set(xlabel="step", ylabel="share of the model", ylim=(0, None),
+                       title=f"EMA: share of each step (mean age {age:.0f} steps)")
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp)
