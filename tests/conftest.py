@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny model (built once per session) and a runnable copy of the workflow."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,16 @@ class Workflow:
             elif line.startswith("wildcards:") and jobs:
                 jobs[-1][1] = line.split("character=")[-1].split(",")[0] if "character=" in line else ""
         return sorted((r, c) for r, c in jobs if r != "all")
+
+    def gpus(self, available: int) -> dict[tuple[str, str], int]:
+        """{(rule, character): the `gpu` resource} of every GPU job a dry run plans with `available` GPUs."""
+        out = self.snakemake("-n", "--resources", f"gpu={available}").stdout
+        jobs = {}
+        for job in out.split("\nrule ")[1:]:
+            character = re.search(r"character=(\w+)", job)
+            if gpu := re.search(r"resources: .*\bgpu=(\d+)", job):
+                jobs[job.split(":")[0], character[1] if character else ""] = int(gpu[1])
+        return jobs
 
 
 @pytest.fixture

@@ -1,10 +1,14 @@
-"""The GPU slot allocator: concurrent jobs never share a GPU; a killed job's GPU is freed."""
+"""The GPU slot allocator: concurrent jobs never share a GPU; a killed job's GPU is freed; a job of
+several GPUs takes them all at once."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from conftest import ROOT
 
@@ -12,57 +16,123 @@ HOLD = """
 import os, sys, time
 sys.path.insert(0, {pkg!r})
 from dreampipe import gpu_slots
-slot = gpu_slots.acquire({locks!r}, count={count}, poll=0.05)
+slots = gpu_slots.acquire({locks!r}, {want!r}, count={count}, poll=0.05)
+taken = ",".join(map(str, slots))
 with open({log!r}, "a") as f:
-    f.write(f"start {{slot}} {{os.environ['CUDA_VISIBLE_DEVICES']}} {{time.time()}}\\n")
+    f.write(f"start {{taken}} {{os.environ['CUDA_VISIBLE_DEVICES']}} {{time.time()}}\\n")
 time.sleep({hold})
 with open({log!r}, "a") as f:
-    f.write(f"end {{slot}} {{time.time()}}\\n")
+    f.write(f"end {{taken}} {{time.time()}}\\n")
 """
 
 
-def holder(tmp_path, count, hold):
+def holder(tmp_path, count, hold, want=1):
     code = HOLD.format(pkg=str(ROOT / "workflow"), locks=str(tmp_path / "locks"), count=count,
-                       log=str(tmp_path / "log"), hold=hold)
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+                       log=str(tmp_path / "log"), hold=hold, want=want)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "DREAMPIPE_GPU_SLOTS_HELD")}
     return subprocess.Popen([sys.executable, "-c", code], env=env)
 
 
-def test_concurrent_jobs_never_share_a_slot(tmp_path):
-    jobs = [holder(tmp_path, count=2, hold=0.6) for _ in range(5)]
-    assert all(j.wait(timeout=60) == 0 for j in jobs)
+def no_slots_held(monkeypatch):
+    """An environment without CUDA_VISIBLE_DEVICES nor held slots, restored after the test."""
+    from dreampipe import gpu_slots
+
+    for name in ("CUDA_VISIBLE_DEVICES", gpu_slots.HELD):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+
+
+def check_no_slot_shared(tmp_path, jobs: int, count: int):
     events = []
     for line in (tmp_path / "log").read_text().splitlines():
-        kind, slot, *rest = line.split()
+        kind, slots, *rest = line.split()
         if kind == "start":
-            assert rest[0] == slot, "CUDA_VISIBLE_DEVICES names the slot"
-        events.append((float(rest[-1]), kind, int(slot)))
-    assert sum(kind == "start" for _, kind, _ in events) == 5
-    busy = {0: 0, 1: 0}
+            assert rest[0] == slots, "CUDA_VISIBLE_DEVICES names the slots"
+        events += [(float(rest[-1]), kind, int(slot)) for slot in slots.split(",")]
+    assert len({(t, kind) for t, kind, _ in events if kind == "start"}) == jobs
+    busy = dict.fromkeys(range(count), 0)
     for _, kind, slot in sorted(events, key=lambda e: (e[0], e[1] == "start")):
         busy[slot] += 1 if kind == "start" else -1
         assert busy[slot] <= 1, f"slot {slot} given to two jobs at once"
 
 
-def test_a_killed_jobs_slot_is_freed(tmp_path):
-    stuck = holder(tmp_path, count=1, hold=600)
-    deadline = time.time() + 30
-    while not (tmp_path / "log").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    assert "start 0" in (tmp_path / "log").read_text()
-    stuck.send_signal(signal.SIGKILL)
-    stuck.wait()
-    follower = holder(tmp_path, count=1, hold=0)
-    assert follower.wait(timeout=30) == 0
-    assert (tmp_path / "log").read_text().count("start 0") == 2
+def test_concurrent_jobs_never_share_a_slot(tmp_path):
+    jobs = [holder(tmp_path, count=2, hold=0.6) for _ in range(5)]
+    assert all(j.wait(timeout=60) == 0 for j in jobs)
+    check_no_slot_shared(tmp_path, jobs=5, count=2)
 
 
-def test_no_gpu_means_no_slot(tmp_path, monkeypatch):
+def test_jobs_of_several_gpus_take_them_all_at_once_and_never_deadlock(tmp_path):
+    """Jobs of 2 slots and of 1 on 3 GPUs: each 2-slot job sees both of its GPUs; none waits
+    forever holding one slot while another holds the rest."""
+    jobs = [holder(tmp_path, count=3, hold=0.4, want=w) for w in (2, 2, 1, 2, 1, 2)]
+    assert all(j.wait(timeout=60) == 0 for j in jobs)
+    check_no_slot_shared(tmp_path, jobs=6, count=3)
+    starts = [line.split()[1] for line in (tmp_path / "log").read_text().splitlines() if line.startswith("start")]
+    assert sorted(len(s.split(",")) for s in starts) == [1, 1, 2, 2, 2, 2]
+
+
+def test_a_list_of_devices_takes_those_gpus(tmp_path):
+    first = holder(tmp_path, count=4, hold=0, want=[1, 3])
+    assert first.wait(timeout=30) == 0
+    assert (tmp_path / "log").read_text().startswith("start 1,3 1,3 ")
+
+
+def test_a_ddp_rank_uses_the_slots_its_job_holds_without_taking_more(tmp_path, monkeypatch):
+    """DDP starts ranks 1.. by running the command again, in the environment of rank 0."""
     from dreampipe import gpu_slots
 
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert gpu_slots.acquire(tmp_path, count=0) is None
-    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    no_slots_held(monkeypatch)
+    assert gpu_slots.acquire(tmp_path, 2, count=2) == [0, 1]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert gpu_slots.acquire(tmp_path, 2, count=2, poll=600) == [0, 1], "the rank does not wait on its own job"
+
+
+def test_more_gpus_than_the_host_has_is_one_clear_error(tmp_path, monkeypatch):
+    from dreampipe import gpu_slots
+    from dreampipe.errors import DreampipeError
+
+    no_slots_held(monkeypatch)
+    with pytest.raises(DreampipeError, match=r"train.devices asks for 3 GPUs; this host has 2"):
+        gpu_slots.acquire(tmp_path, 3, count=2)
+    with pytest.raises(DreampipeError, match=r"train.devices names GPU 2; this host has 2 \(0 to 1\)"):
+        gpu_slots.acquire(tmp_path, [0, 2], count=2)
+
+
+def test_training_on_a_list_of_gpus_trains_on_those_it_took(tmp_path, monkeypatch):
+    """train.devices [1, 3] on a host of 4 GPUs: slots 1 and 3, which the job sees as its GPUs 0 and 1."""
+    from dreampipe import cli, train
+
+    no_slots_held(monkeypatch)
+    monkeypatch.setenv("DREAMPIPE_GPUS", "4")
+    monkeypatch.setenv("DREAMPIPE_GPU_SLOTS", str(tmp_path / "locks"))
+    seen = {}
+    monkeypatch.setattr(train, "run", lambda *args, **kw: seen.update(
+        devices=args[3]["devices"], visible=os.environ["CUDA_VISIBLE_DEVICES"]))
+    assert cli.main(["train", "--model", "m", "--instance-dir", "i", "--settings", json.dumps({"devices": [1, 3]}),
+                     "--state", "s", "--workdir", "w", "--out", "o"]) == 0
+    assert seen == {"devices": 2, "visible": "1,3"}
+
+
+@pytest.mark.parametrize("devices, visible, gpus", [
+    (2, None, 2), ([0, 3], None, 2), ("auto", None, 1), ("auto", "0,1,2", 3), (1, "0,1,2", 1)])
+def test_a_job_takes_as_many_gpus_as_train_devices_names(devices, visible, gpus, monkeypatch):
+    """`auto` is one GPU slot under Snakemake, or every GPU of a CUDA_VISIBLE_DEVICES you set."""
+    from dreampipe import gpu_slots
+
+    no_slots_held(monkeypatch)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert gpu_slots.needed(devices) == gpus
+
+
+def test_the_train_rule_asks_snakemake_for_train_devices_gpus(workflow):
+    workflow.character("duo", train={"devices": 2})
+    workflow.character("solo")
+    gpus = workflow.gpus(available=4)
+    assert gpus["train", "duo"] == 2
+    assert gpus["train", "solo"] == 1
+    assert gpus["sample", "duo"] == 1
 
 
 def test_the_lock_folder_is_the_one_the_docs_name(monkeypatch):

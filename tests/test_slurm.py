@@ -184,6 +184,26 @@ def rule_of(job: dict) -> tuple[str, str]:
     return rule, wildcards
 
 
+def test_the_plugin_asks_sbatch_for_as_many_gpus_as_each_job_takes(workflow):
+    """Fast, with no cluster: the `gpu` resource of every GPU job, train.devices included, reaches
+    sbatch as --gpus=N, and the profile overrides it for no rule."""
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    class Job:
+        def __init__(self, resources):
+            self.resources = type("Resources", (dict,), {"__getattr__": dict.__getitem__})(resources)
+
+    workflow.character("duo", train={"devices": 2})
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "profile.yaml").read_text())
+    gpus = workflow.gpus(available=2)
+    assert gpus["train", "duo"] == 2
+    for (rule, _), n in gpus.items():
+        resources = profile["set-resources"][rule]
+        assert not {"gpu", "gres"} & set(resources), f"the profile overrides the GPUs of {rule}"
+        assert set_gres_string(Job({**resources, "gpu": n})) == f" --gpus={n}"
+        assert set_gres_string(Job({"gpu": n, "gpu_model": "a100"})) == f" --gpus=a100:{n}"
+
+
 def test_two_characters_run_on_slurm_and_a_cancelled_training_resumes_on_the_same_command(workflow, slurm):
     workflow.character("alice")
     workflow.character("bob", token="sks", train={"max_steps": 20, "save_state_every_n_steps": 2})

@@ -425,7 +425,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
         tiny_model, instance, tmp_path):
     """Two gloo processes of batch 1 after a SIGKILL and a resume land close to one process of
     batch 2: within 30% of the distance training moved the weights (measured: under 10%), while
-    one process of batch 1, the wrong global batch, lands about as far away as training moved."""
+    one process of batch 1, the wrong global batch, lands about as far away as training moved. Both
+    ranks' lines are in the --log file."""
     subjects = [(instance, None)]
     base = load_file(tiny_model[0])
     single = run(tiny_model, subjects, tmp_path / "single", max_steps=3, batch_size=2)
@@ -442,9 +443,15 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
     proc.communicate()
     assert not (folder / "model.safetensors").exists()
 
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd + ["--log", str(folder / "train.log")], env=env, capture_output=True, text=True,
+                             timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
+    # every rank logs to the one --log file, rank 1 after its prefix, and none cuts the other's lines
+    logged = (folder / "train.log").read_text()
+    assert "resuming from" in logged
+    done = [line for line in logged.splitlines() if ": train done in" in line]
+    assert len(done) == 2 and sum(" rank 1 " in line for line in done) == 1, logged
     ddp = load_file(folder / "model.safetensors")
     moved = distance(single, base)
     assert distance(ddp, single) < 0.3 * moved

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -22,13 +23,20 @@ GPU_COMMANDS = {"class-images", "train", "sample", "evaluate"}
 
 
 def _setup_logging(logfile: str | None) -> None:
+    # DDP starts ranks 1.. by running this command again, --log included: they add their lines to
+    # the same file after "rank N", and rank 0 empties it first but appends too, so that no rank
+    # writes over the lines of another.
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    fmt = FORMAT.replace("%(name)s", f"rank {rank} %(name)s") if rank else FORMAT
     handlers = [logging.StreamHandler(sys.stderr)]
     if logfile:
         Path(logfile).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(logfile, mode="w"))
-        handlers[-1].setFormatter(logging.Formatter(FORMAT))
+        if not rank:
+            open(logfile, "w").close()
+        handlers.append(logging.FileHandler(logfile, mode="a"))
+        handlers[-1].setFormatter(logging.Formatter(fmt))
         traceback_log.addHandler(handlers[-1])
-    logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=handlers)
+    logging.basicConfig(level=logging.INFO, format=fmt, handlers=handlers)
     for noisy in ("diffusers", "transformers", "pytorch_lightning", "lightning", "lightning_fabric"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="pytorch_lightning|lightning_fabric|diffusers|transformers")
@@ -102,9 +110,25 @@ def cmd_train(a):
         raise DreampipeError("train: give one --class-manifest per --instance-dir, or none")
     subjects = [(Path(d), Path(m) if m else None)
                 for d, m in zip(a.instance_dir, a.class_manifest or [None] * len(a.instance_dir))]
-    settings = {**json.loads(a.settings), **json.loads(a.untracked_settings)}
+    settings = train_settings(a)
+    if a.gpus:  # the job's GPUs are now CUDA_VISIBLE_DEVICES 0..n-1, whichever host GPUs a list named
+        settings["devices"] = len(a.gpus)
     train.run(a.model, a.tokenizer, subjects, settings, Path(a.state), Path(a.workdir), Path(a.out),
               base_options=base_options(a))
+
+
+def train_settings(a) -> dict:
+    return {**json.loads(a.settings), **json.loads(a.untracked_settings)}
+
+
+def take_gpus(a) -> list[int] | None:
+    """The GPU slots of a GPU command (gpu_slots): training takes train.devices of them, the others one."""
+    from . import gpu_slots
+
+    gpus = gpu_slots.acquire(gpu_slots.lock_dir(), train_settings(a)["devices"] if a.command == "train" else 1)
+    if gpus is not None:
+        log.info("using GPU %s", ",".join(map(str, gpus)))
+    return gpus
 
 
 def cmd_export(a):
@@ -276,14 +300,9 @@ def main(argv=None) -> int:
     from . import lifetime
 
     lifetime.end_with_workflow()
-    if a.command in GPU_COMMANDS:
-        from . import gpu_slots
-
-        slot = gpu_slots.acquire(gpu_slots.lock_dir())
-        if slot is not None:
-            log.info("using GPU %d", slot)
     start = time.time()
     try:
+        a.gpus = take_gpus(a) if a.command in GPU_COMMANDS else None
         a.func(a)
     except DreampipeError as e:
         log.error("%s: error: %s", a.command, e)

@@ -9,6 +9,7 @@ import yaml
 from argparse import Namespace
 
 from dreampipe import class_images as dpclass
+from dreampipe import gpu_slots as dpgpu
 from dreampipe import prepare as dpprepare
 
 
@@ -89,6 +90,12 @@ def tokenizer(wildcards):
 def tokenizer_arg(wildcards):
     t = tokenizer(wildcards)
     return shlex.join(["--tokenizer", t]) if t else ""
+
+
+def train_gpus(wildcards):
+    """The GPUs training takes (train.devices; auto is one): Snakemake counts them against
+    --resources gpu, and the SLURM plugin asks sbatch --gpus for as many."""
+    return dpgpu.needed(char(wildcards)["train"]["devices"])
 
 
 def instance_dirs(wildcards):

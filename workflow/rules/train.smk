@@ -30,7 +30,7 @@ rule train:
     conda:
         "../../envs/dreampipe.yaml"
     resources:
-        gpu=1,
+        gpu=train_gpus,
     params:
         settings=lambda wc: json.dumps(
             dpconfig.split_train_settings(char(wc))[0], sort_keys=True
