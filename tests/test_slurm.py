@@ -197,6 +197,7 @@ def test_the_plugin_asks_sbatch_for_as_many_gpus_as_each_job_takes(workflow):
     profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "profile.yaml").read_text())
     gpus = workflow.gpus(available=2)
     assert gpus["train", "duo"] == 2
+    assert profile["set-resources"]["train"]["nodes"] == 1, "DDP's processes share one node"
     for (rule, _), n in gpus.items():
         resources = profile["set-resources"][rule]
         assert not {"gpu", "gres"} & set(resources), f"the profile overrides the GPUs of {rule}"
