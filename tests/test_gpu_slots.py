@@ -135,6 +135,36 @@ def test_the_train_rule_asks_snakemake_for_train_devices_gpus(workflow):
     assert gpus["sample", "duo"] == 1
 
 
+@pytest.mark.gpu
+def test_ddp_on_two_gpus_takes_both_logs_every_rank_and_matches_one_gpu(tiny_model, tmp_path):
+    """The CLI with train.devices 2, as the train rule runs it: both ranks see the two slots it took
+    and log to --log, and the model lands within the CPU test's bound of one GPU at the same
+    global batch (tests/test_train.py, DDP on two CPU processes)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from safetensors.torch import load_file
+
+    import test_train
+    from test_gpu import instance_folder
+
+    subjects = [(instance_folder(tmp_path / "instance", 64), None)]
+    single = test_train.run(tiny_model, subjects, tmp_path / "single", max_steps=3, batch_size=2)
+    folder = tmp_path / "ddp"
+    log = folder / "train.log"
+    cmd = test_train.train_command(tiny_model, subjects, folder,
+                                   test_train.settings(max_steps=3, batch_size=1, devices=2)) + ["--log", str(log)]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "DREAMPIPE_GPU_SLOTS_HELD")},
+           "DREAMPIPE_GPU_SLOTS": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT / "workflow")}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logged = log.read_text()
+    assert logged.count("using GPU 0,1") == 2 and " rank 1 dreampipe: using GPU 0,1" in logged, logged
+    moved = test_train.distance(single, load_file(tiny_model[0]))
+    assert test_train.distance(load_file(folder / "model.safetensors"), single) < 0.3 * moved
+
+
 def test_the_lock_folder_is_the_one_the_docs_name(monkeypatch):
     from dreampipe import gpu_slots
 
