@@ -47,6 +47,6 @@ def test_e2e_photos_are_the_sizes_the_gpu_benchmark_uses(tmp_path):
     assert len(list((tmp_path / "photos").glob("*.jpg"))) == 20 and sizes == {(1200, 1600), (1600, 1200)}
 
 
-@pytest.mark.parametrize("script", ["bench/e2e_gpu.sh", "bench/diffusers_example_e2e.sh"])
+@pytest.mark.parametrize("script", ["bench/e2e_gpu.sh", "bench/diffusers_example_e2e.sh", "bench/multi_gpu.sh"])
 def test_gpu_shell_benchmarks_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
