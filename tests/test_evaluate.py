@@ -1,0 +1,74 @@
+"""Held-out evaluation (evaluate.py): seeds apart from the class images, intervals next to every
+rate, and recontextualisation, on the committed toy model at tiny size."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dreampipe import evaluate, toyworld
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = ROOT / "models" / "toy-sd"
+
+
+@pytest.mark.parametrize("hits, n, low, high", [
+    (0, 10, 0.0, 0.2775),  # Wilson score interval, z = 1.96 (Newcombe 1998, table I)
+    (5, 10, 0.2366, 0.7634),
+    (10, 10, 0.7225, 1.0),
+    (81, 263, 0.2553, 0.3662),
+])
+def test_the_wilson_interval_matches_published_values(hits, n, low, high):
+    assert evaluate.wilson(hits, n) == pytest.approx((low, high), abs=1e-4)
+
+
+def test_evaluation_seeds_never_draw_a_class_image_and_dev_and_test_are_apart():
+    # Class image i is drawn from seed i (class_images.py); the schema caps how many there are.
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    most = schema["properties"]["class_images"]["properties"]["num_class_images"]["maximum"]
+    dev, test = set(evaluate.SEED_SETS["dev"]), set(evaluate.SEED_SETS["test"])
+    assert min(dev | test) >= most, "class image seeds are 0 .. num_class_images - 1"
+    assert not dev & test and len(test) >= 64 and len(dev) >= 16
+    # The workflow reports the test set.
+    rule = (ROOT / "workflow/rules/evaluate.smk").read_text()
+    assert re.search(r"--seed-set test\b", rule) and "--seeds" not in rule
+
+
+def test_scores_put_an_interval_next_to_every_rate():
+    subject = {"shape": "star", "colour": "purple", "pattern": "dotted"}
+    hit = {**subject, "background": "green"}
+    s = evaluate.scores([hit] * 3 + [{**hit, "pattern": "plain"}], [hit, {**hit, "colour": "red"}], subject,
+                        "star", recontext=[(hit, "green"), ({**hit, "background": "blue"}, "green")])
+    assert s["subject_fidelity"] == 0.75 and s["ci95"]["subject_fidelity"] == pytest.approx(evaluate.wilson(3, 4))
+    assert s["recontext_background"] == 0.5 and s["recontext_subject"] == 1.0 and s["recontext_both"] == 0.5
+    rates = {k for k, v in s.items() if isinstance(v, float) and "entropy" not in k}
+    assert rates and rates == set(s["ci95"]) - {"subject_attributes"}
+    assert set(s["ci95"]["subject_attributes"]) == set(evaluate.SUBJECT_KEYS)
+
+
+def test_recontext_prompts_place_the_subject_on_other_backgrounds():
+    subject = {"shape": "star", "colour": "purple", "pattern": "dotted"}
+    prompts = evaluate.recontext_prompts("a photo of zxq star", subject, 12)
+    colours = [c for _, c in prompts]
+    assert prompts[0] == ("a photo of zxq star on a red background", "red")
+    assert ("a photo of zxq star on an orange background", "orange") in prompts
+    assert set(colours) == set(toyworld.COLOURS) - {"purple", "white"}  # not its own colour, nor the photos'
+
+
+def test_evaluate_on_the_committed_model_writes_rates_intervals_and_recontext(tmp_path, example_photos):
+    from dreampipe import prepare
+
+    instance = tmp_path / "instance"
+    prepare.run(example_photos, instance, 64, "pad", "white", "a photo of zxq star")
+    model, tokenizer = str(TOY / "toy-sd.safetensors"), str(TOY / "tokenizer")
+    r = evaluate.run(model, model, tokenizer, TOY / evaluate.CLASSIFIER_FILE, instance, tmp_path / "e.json",
+                     "a photo of zxq star", "a photo of a star", "star", evaluate.SEED_SETS["dev"][:3], 2, 5.0)
+    assert json.loads((tmp_path / "e.json").read_text()) == r
+    for side in ("before", "after"):
+        lo, hi = r[side]["ci95"]["recontext_background"]
+        assert 0 <= lo <= r[side]["recontext_background"] <= hi <= 1
+    assert r["recontext_prompts"][0] == "a photo of zxq star on a red background"
+    md = (tmp_path / "e.md").read_text()
+    assert "background as asked" in md and re.search(r"\| \d\.\d\d \[\d\.\d\d, \d\.\d\d\] \|", md)
