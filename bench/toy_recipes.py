@@ -41,7 +41,9 @@ def recipes(demo: dict) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="results/bench/toy-recipes")
-    p.add_argument("--seeds", type=int, default=64, help="the first this many of the test seeds (evaluate.SEED_SETS)")
+    p.add_argument("--seed-set", choices=["dev", "test"], default="test",
+                   help="held-out seeds (evaluate.SEED_SETS): dev to choose recipes, test for the reported numbers")
+    p.add_argument("--seeds", type=int, help="only the first this many seeds of the set")
     p.add_argument("--steps", type=int, help="train every recipe this many steps (default: as each says)")
     p.add_argument("--recipes", type=int, help="only the first this many recipes")
     a = p.parse_args()
@@ -63,7 +65,7 @@ def main():
         trained = train.run(model, tokenizer, [(out / "instance", out / "class.json")], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
-                         c["instance_prompt"], ci["class_prompt"], c["class_word"], evaluate.SEED_SETS["test"][:a.seeds],
+                         c["instance_prompt"], ci["class_prompt"], c["class_word"], evaluate.SEED_SETS[a.seed_set][:a.seeds],
                          20, 5.0, out / slug / "evaluation.png")
         rows.append((name, settings, r))
     keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift",

@@ -176,7 +176,8 @@ def share(preds: list[dict], subject: dict, keys=SUBJECT_KEYS) -> float:
 def recontext_prompts(instance_prompt: str, subject: dict, n: int) -> list[tuple[str, str]]:
     """n (prompt, background) pairs, "<instance prompt> on a red background", cycling through the
     toy world's colours except the subject's own (the toy world never draws a thing on its own
-    colour) and white, the background of the demo's photos: a new context, not the training one."""
+    colour) and white, the padding colour of prepared photos. The instance prompt never names a
+    background, so each is a context the identifier was not trained with."""
     colours = [c for c in toyworld.COLOURS if c not in (subject["colour"], "white")]
     return [(toyworld.on_background(instance_prompt, colours[i % len(colours)]), colours[i % len(colours)])
             for i in range(n)]
