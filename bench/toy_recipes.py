@@ -65,8 +65,8 @@ def main():
         trained = train.run(model, tokenizer, [(out / "instance", out / "class.json")], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
-                         c["instance_prompt"], ci["class_prompt"], c["class_word"], evaluate.SEED_SETS[a.seed_set][:a.seeds],
-                         20, 5.0, out / slug / "evaluation.png")
+                         c["instance_prompt"], ci["class_prompt"], c["class_word"],
+                         evaluate.SEED_SETS[a.seed_set][:a.seeds], 20, 5.0, out / slug / "evaluation.png")
         rows.append((name, settings, r))
     keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift",
             "recontext_background", "recontext_both"]

@@ -57,14 +57,20 @@ def test_recontext_prompts_place_the_subject_on_other_backgrounds():
     assert set(colours) == set(toyworld.COLOURS) - {"purple", "white"}  # not its own colour, nor the photos'
 
 
-def test_evaluate_on_the_committed_model_writes_rates_intervals_and_recontext(tmp_path, example_photos):
+def test_evaluate_on_the_committed_model_writes_rates_intervals_and_recontext(tmp_path, example_photos, monkeypatch):
+    from PIL import Image
+
     from dreampipe import prepare
+
+    monkeypatch.setattr(evaluate, "GRID_SEEDS", 2)  # the grid shows the first seeds, the numbers all
 
     instance = tmp_path / "instance"
     prepare.run(example_photos, instance, 64, "pad", "white", "a photo of zxq star")
     model, tokenizer = str(TOY / "toy-sd.safetensors"), str(TOY / "tokenizer")
     r = evaluate.run(model, model, tokenizer, TOY / evaluate.CLASSIFIER_FILE, instance, tmp_path / "e.json",
-                     "a photo of zxq star", "a photo of a star", "star", evaluate.SEED_SETS["dev"][:3], 2, 5.0)
+                     "a photo of zxq star", "a photo of a star", "star", evaluate.SEED_SETS["dev"][:3], 2, 5.0,
+                     tmp_path / "e.png")
+    assert Image.open(tmp_path / "e.png").size == (2 * 128, 7 * (128 + 14)), "2 seeds x 7 prompt rows"
     assert json.loads((tmp_path / "e.json").read_text()) == r
     for side in ("before", "after"):
         lo, hi = r[side]["ci95"]["recontext_background"]

@@ -90,7 +90,7 @@ def test_scores_count_the_subject_only_when_shape_colour_and_pattern_all_match()
     assert s["language_drift"] == 0.5
 
 
-def test_the_demo_learns_the_subject_on_the_committed_model_and_prior_preservation_keeps_new_contexts(tmp_path, example_photos):
+def test_the_demo_learns_the_subject_and_prior_preservation_keeps_new_contexts(tmp_path, example_photos):
     """The demo's settings (config/config.yaml) on the committed model, evaluated on the 32 dev
     seeds (evaluate.SEED_SETS: held out from the class images; the test seeds are for reported
     numbers, docs/quality.md).

@@ -40,6 +40,7 @@ SUBJECT_KEYS = ("shape", "colour", "pattern")
 # Class image i is drawn from seed i (class_images.py) and the config schema caps
 # num_class_images below 10**6, so no evaluation sample repeats a class image's noise.
 SEED_SETS = {"dev": range(10**6, 10**6 + 32), "test": range(10**6 + 32, 10**6 + 96)}
+GRID_SEEDS = 16  # the grid shows the first seeds (a sheet to look at); the numbers count them all
 
 
 class AttributeClassifier(torch.nn.Module):
@@ -231,7 +232,7 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
         prompts = [prompts] * len(seeds) if isinstance(prompts, str) else prompts
         images = sampling.generate(model, prompts, seeds, resolution=64, steps=steps,
                                    guidance_scale=guidance_scale)
-        pictures.extend((im, f"{label}: {p} #{s}") for im, p, s in zip(images, prompts, seeds))
+        pictures.extend((im, f"{label}: {p} #{s}") for im, p, s in list(zip(images, prompts, seeds))[:GRID_SEEDS])
         return net.predict(images)
 
     for label, path, options in (("before", base_model_path, base_options), ("after", model_path, None)):
@@ -246,7 +247,7 @@ def run(model_path, base_model_path, tokenizer, classifier_path: Path, instance_
     write_json(result, Path(out))
     Path(out).with_suffix(".md").write_text(markdown(result))
     if grid_path:
-        save_atomic(grid([p for p, _ in pictures], [t for _, t in pictures], columns=len(seeds)),
+        save_atomic(grid([p for p, _ in pictures], [t for _, t in pictures], columns=min(len(seeds), GRID_SEEDS)),
                     grid_path)
     return result
 
