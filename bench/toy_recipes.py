@@ -41,7 +41,9 @@ def recipes(demo: dict) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="results/bench/toy-recipes")
-    p.add_argument("--seeds", type=int, default=16)
+    p.add_argument("--seed-set", choices=["dev", "test"], default="test",
+                   help="held-out seeds (evaluate.SEED_SETS): dev to choose recipes, test for the reported numbers")
+    p.add_argument("--seeds", type=int, help="only the first this many seeds of the set")
     p.add_argument("--steps", type=int, help="train every recipe this many steps (default: as each says)")
     p.add_argument("--recipes", type=int, help="only the first this many recipes")
     a = p.parse_args()
@@ -63,20 +65,21 @@ def main():
         trained = train.run(model, tokenizer, [(out / "instance", out / "class.json")], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
-                         c["instance_prompt"], ci["class_prompt"], c["class_word"], list(range(a.seeds)),
-                         20, 5.0, out / slug / "evaluation.png")
+                         c["instance_prompt"], ci["class_prompt"], c["class_word"],
+                         evaluate.SEED_SETS[a.seed_set][:a.seeds], 20, 5.0, out / slug / "evaluation.png")
         rows.append((name, settings, r))
-    keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift"]
+    keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift",
+            "recontext_background", "recontext_both"]
     print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | " + " | ".join(keys) + " |")
     print("|---" * (4 + len(keys)) + "|")
     base = rows[0][2]["before"]
-    print("| base model (before) | 0 | - | - | " + " | ".join(f"{base[k]:.2f}" for k in keys) + " |")
+    print("| base model (before) | 0 | - | - | " + " | ".join(evaluate.cell(base, k) for k in keys) + " |")
     for name, s, r in rows:
         te = f" / {s['text_encoder_learning_rate'] or s['learning_rate']:g}" if s["train_text_encoder"] else " / frozen"
         print(f"| {name} | {s['max_steps']} | {s['learning_rate']:g}{te} | {s['prior_loss_weight']:g} | "
-              + " | ".join(f"{r['after'][k]:.2f}" for k in keys) + " |")
+              + " | ".join(evaluate.cell(r["after"], k) for k in keys) + " |")
     print(f"\nReference: the base model prompted \"{rows[0][2]['described_prompt']}\": subject fidelity "
-          f"{rows[0][2]['described']:.2f}")
+          f"{evaluate.cell(rows[0][2], 'described')}")
     (out / "summary.json").write_text(json.dumps([{"recipe": n, "settings": s, **r} for n, s, r in rows], indent=1))
 
 

@@ -90,16 +90,22 @@ def test_scores_count_the_subject_only_when_shape_colour_and_pattern_all_match()
     assert s["language_drift"] == 0.5
 
 
-def test_the_demo_learns_the_subject_on_the_committed_model_and_keeps_the_class_diverse(tmp_path, example_photos):
-    """The demo's settings (config/config.yaml) on the committed model, evaluated on 16 seeds.
+def test_the_demo_learns_the_subject_and_prior_preservation_keeps_new_contexts(tmp_path, example_photos):
+    """The demo's settings (config/config.yaml) on the committed model, evaluated on the 32 dev
+    seeds (evaluate.SEED_SETS: held out from the class images; the test seeds are for reported
+    numbers, docs/quality.md).
 
-    Thresholds, from docs/quality.md: the base model draws the purple dotted star for "a photo of
-    zxq star" in at most 1 of 16 seeds (0.06), and, told "a photo of a purple dotted star" in
-    words, in 0.31; the demo finetune reaches 0.25 (2 threads) or 0.31 (1 thread). Asserted:
-    fidelity at least 0.15 (half the described reference, room for float differences across
-    CPUs) and above the base model's; purple, the attribute the base model never gives the class,
-    in at least 0.4 of the subject samples (base 0.06, demo 0.69); and class samples still show
-    stars in several colours (8 colours drawn equally often give entropy 1, one colour 0).
+    Measured on the dev seeds (2026-11-30, 2 threads): the base model draws the purple dotted star
+    for "a photo of zxq star" in 0 of 32 seeds and, told "a photo of a purple dotted star" in
+    words, in 0.16; the demo finetune reaches 0.22 [0.11, 0.39], purple in 0.50 (base 0.00), the
+    subject on a new background in 0.28, no language drift. Asserted, with room for float
+    differences across CPUs: fidelity at least 0.15 and above the base model's; purple, the
+    attribute the base model never gives the class, in at least 0.35 of the subject samples; the
+    subject also on other backgrounds, which are drawn as asked; class samples still stars in
+    several colours (8 colours drawn equally often give entropy 1, one colour 0); and the class
+    prompt does not turn into the subject (language drift). The same with prior_loss_weight 0
+    draws the background asked for in only 0.72 of the dev seeds: asserted, a
+    margin of at least 0.1 below the demo.
     """
     _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
     c = chars["example"]
@@ -110,15 +116,26 @@ def test_the_demo_learns_the_subject_on_the_committed_model_and_keeps_the_class_
     class_images.run(model, tokenizer, tmp_path / "class", tmp_path / "class.json", ci["num_class_images"],
                      ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
     settings = {**config.train_settings(c), "sample_every_n_steps": 0}
-    trained = train.run(model, tokenizer, [(instance, tmp_path / "class.json")], settings,
-                        tmp_path / "state", tmp_path / "work", tmp_path / "trained.safetensors")
-    r = evaluate.run(trained, model, tokenizer, TOY / evaluate.CLASSIFIER_FILE, instance,
-                     tmp_path / "evaluation.json", c["instance_prompt"], ci["class_prompt"],
-                     c["class_word"], list(range(16)), 20, 5.0)
+
+    def finetune_and_evaluate(name, **change):
+        trained = train.run(model, tokenizer, [(instance, tmp_path / "class.json")], {**settings, **change},
+                            tmp_path / name / "state", tmp_path / name, tmp_path / name / "trained.safetensors")
+        return evaluate.run(trained, model, tokenizer, TOY / evaluate.CLASSIFIER_FILE, instance,
+                            tmp_path / name / "evaluation.json", c["instance_prompt"], ci["class_prompt"],
+                            c["class_word"], evaluate.SEED_SETS["dev"], 20, 5.0)
+
+    r = finetune_and_evaluate("demo")
+    no_prior = finetune_and_evaluate("no-prior", prior_loss_weight=0.0)["after"]
     assert r["subject"] == {"shape": "star", "colour": "purple", "pattern": "dotted"}
-    assert json.loads((tmp_path / "evaluation.json").read_text()) == r
-    assert r["after"]["subject_fidelity"] >= 0.15, r
-    assert r["after"]["subject_fidelity"] > r["before"]["subject_fidelity"], r
-    assert r["after"]["subject_attributes"]["colour"] >= 0.4, r
-    assert r["after"]["class_shape_rate"] >= 0.5, r
-    assert r["after"]["class_colour_entropy"] >= 0.5, r
+    assert json.loads((tmp_path / "demo" / "evaluation.json").read_text()) == r
+    before, after = r["before"], r["after"]
+    assert after["subject_fidelity"] >= 0.15, r
+    assert after["subject_fidelity"] > before["subject_fidelity"], r
+    assert after["subject_attributes"]["colour"] >= 0.35, r
+    assert after["recontext_both"] >= 0.15 and after["recontext_background"] >= 0.8, r
+    assert after["class_shape_rate"] >= 0.5, r
+    assert after["class_colour_entropy"] >= 0.5, r
+    assert after["language_drift"] <= max(0.1, before["language_drift"]), r
+    # Prior preservation matters: without it the model overfits the white-background photos and
+    # ignores "on a green background" (dev: 0.72 against the demo's 0.97; test: 0.66 against 1.00).
+    assert no_prior["recontext_background"] <= after["recontext_background"] - 0.1, (no_prior, after)

@@ -75,8 +75,8 @@ def cmd_evaluate(a):
     from . import evaluate
 
     evaluate.run(a.model, a.base_model, a.tokenizer, Path(a.classifier), Path(a.instance_dir), Path(a.out),
-                 a.instance_prompt, a.class_prompt, a.class_word, a.seeds, a.steps, a.guidance_scale,
-                 a.grid and Path(a.grid), base_options=base_options(a))
+                 a.instance_prompt, a.class_prompt, a.class_word, evaluate.SEED_SETS[a.seed_set], a.steps,
+                 a.guidance_scale, a.grid and Path(a.grid), base_options=base_options(a))
 
 
 def cmd_prepare(a):
@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     sp.add_argument("--instance-prompt", required=True)
     sp.add_argument("--class-prompt", required=True)
     sp.add_argument("--class-word", required=True)
-    sp.add_argument("--seeds", type=int, nargs="+", default=list(range(16)))
+    sp.add_argument("--seed-set", choices=["dev", "test"], default="test",
+                    help="held-out seeds: dev to choose recipes and thresholds, test for the reported numbers")
     sp.add_argument("--steps", type=int, default=25)
     sp.add_argument("--guidance-scale", type=float, default=5.0)
     sp.add_argument("--grid", help="also write the scored pictures as a grid")

@@ -39,7 +39,12 @@ class Thing:
             return rng is None or rng.random() >= DROP_WORD
 
         text = photo_of(self.shape, self.colour, self.pattern, keep)
-        return text + f" on {_article(self.background)}{self.background} background" if keep() else text
+        return on_background(text, self.background) if keep() else text
+
+
+def on_background(text: str, colour: str) -> str:
+    """"a photo of a star" -> "a photo of a star on a blue background"."""
+    return f"{text} on {_article(colour)}{colour} background"
 
 
 def photo_of(shape: str, colour: str, pattern: str, keep=lambda: True) -> str:
