@@ -16,16 +16,7 @@ STEPS=${STEPS:-500}
 mkdir -p /tmp/multi && tar --exclude=./.whl --exclude=./.devkit --exclude=./results --exclude=./.snakemake --exclude=./config/characters -cf - . | tar -xf - -C /tmp/multi
 cd /tmp/multi
 secs() { python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$@"; }
-[ -f /tmp/base/sd1-random.safetensors ] || python3 - <<'PY'
-import sys
-sys.path.insert(0, "bench")
-from pathlib import Path
-from common import random_sd1
-from dreampipe import checkpoint, tiny
-Path("/tmp/base").mkdir(exist_ok=True)
-checkpoint.save(random_sd1(), "/tmp/base/sd1-random.safetensors", dtype="fp16")
-tiny.write_tokenizer(Path("/tmp/base/tokenizer"))
-PY
+python3 bench/sd1_base.py /tmp/base
 for n in alice bob; do python3 bench/e2e_photos.py "/tmp/photos/$n"; done
 cat > config/config.yaml <<YAML
 base_model: /tmp/base/sd1-random.safetensors

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +38,17 @@ def test_toy_recipes_bench_runs_one_short_recipe(tmp_path):
     out = bench(tmp_path, "bench/toy_recipes.py", "--out", str(tmp_path / "recipes"), "--seeds", "1",
                 "--steps", "2", "--recipes", "1")
     assert "| ours (demo config) | 2 |" in out
+
+
+def test_the_e2e_base_model_is_a_single_file_checkpoint_with_its_tokenizer(tmp_path):
+    from dreampipe import checkpoint
+
+    bench(tmp_path, "bench/sd1_base.py", str(tmp_path / "base"), "--size", "tiny")
+    path = tmp_path / "base" / "sd1-random.safetensors"
+    weights, _ = checkpoint.read_state_dict(path)
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}, "as users' files"
+    model = checkpoint.load(path, tokenizer=tmp_path / "base" / "tokenizer")
+    assert len(model.tokenizer("a photo of sks woman").input_ids) > 2
 
 
 def test_e2e_photos_are_the_sizes_the_gpu_benchmark_uses(tmp_path):
