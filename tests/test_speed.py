@@ -2,6 +2,9 @@
 Tests taking `device` run here on the CPU and again on CUDA from tests/test_gpu.py."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,3 +150,39 @@ def test_accumulated_gradients_are_summed_in_fp32(device="cpu"):
     assert exact > 1.0
     assert torch.all(micro_batches(opt, p, contributions) == exact)
     assert torch.all(micro_batches(opt, p, [0.5] * 8) == 4.0)  # a new window starts from zero
+
+
+def check_kernel_against_torch(device: str) -> None:
+    """adamw_kernel.adamw_sr_ against speed.adamw_sr_ on a slice that does not fill the kernel's
+    last block, with a large offset and weight decay. Same formula, same random bits: the bf16
+    results agree but where the fp32 values (bias corrections by exp2 against pow) differ in
+    their last bits across a rounding boundary, which moves a value by one ulp."""
+    from dreampipe import adamw_kernel
+
+    g = torch.Generator().manual_seed(0)
+    n = 3 * adamw_kernel.BLOCK + 48
+    p, m = torch.randn(n, generator=g), torch.randn(n, generator=g) * 1e-3
+    v, grad = torch.rand(n, generator=g) * 1e-6, torch.randn(n, generator=g) * 1e-3
+    p, m, v, grad = (t.to(device, torch.bfloat16) for t in (p, m, v, grad))
+    args = (torch.tensor(3e-2, device=device), torch.tensor(7.0, device=device), 11,
+            torch.tensor(2**30, dtype=torch.int32, device=device), 0.9, 0.999, 1e-8, 1e-2)
+    ours = [t.clone() for t in (p, grad, m, v)]
+    adamw_kernel.adamw_sr_(*ours, *args)
+    assert (ours[0] != p).float().mean() > 0.5  # the step moved most weights
+    speed.adamw_sr_(p, grad, m, v, *args)
+    assert torch.equal(ours[1], grad)
+    for a, b in ((ours[0], p), (ours[2], m), (ours[3], v)):
+        assert ((a.float() - b.float()).abs() <= b.float().abs() * 2**-7).all()
+        # the first moment is rounded to nearest, which Triton's CPU interpreter does not do exactly
+        assert b is m and device == "cpu" or (a != b).float().mean() < 0.01
+
+
+def test_triton_kernel_makes_the_torch_update(device="cpu"):
+    """The GPU's AdamW kernel, here in Triton's CPU interpreter (set before triton is imported)."""
+    if device != "cpu":
+        return check_kernel_against_torch(device)
+    code = "import test_speed; test_speed.check_kernel_against_torch('cpu')"
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -209,6 +209,30 @@ def adamw_sr_(p, g, m, v, lr, step, seed: int, offset, beta1: float, beta2: floa
     m.copy_(m32)
 
 
+def _gpu_update():
+    """adamw_sr_ as one Triton kernel (adamw_kernel: compiled in about a second, where
+    torch.compile takes about 20 s with cold caches), eager if Triton fails on this GPU."""
+    try:
+        from .adamw_kernel import adamw_sr_ as kernel
+    except ImportError as e:
+        warnings.warn(f"Triton is not available ({e}): AdamW runs eagerly")
+        return adamw_sr_
+    update = kernel
+
+    def call(*args):
+        nonlocal update
+        try:
+            return update(*args)
+        except Exception as e:  # a compiler or driver error (e.g. a GPU Triton does not support)
+            if update is adamw_sr_:
+                raise
+            warnings.warn(f"the Triton AdamW kernel failed, running it eagerly: {str(e).splitlines()[0]}")
+            update = adamw_sr_
+            return update(*args)
+
+    return call
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """The elements of a dense tensor (contiguous or channels-last) in memory order."""
     return t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
@@ -251,7 +275,7 @@ class AdamWBF16(torch.optim.Optimizer):
         self._micro = 0  # backward passes since zero_grad
         self._step = torch.zeros((), device=device)
         self._lrs = [torch.zeros((), device=device) for _ in self.param_groups]
-        self._update = compiled_or_eager(adamw_sr_) if on_gpu(device) else adamw_sr_
+        self._update = _gpu_update() if on_gpu(device) else adamw_sr_
         self._flat, self._offset, self._grads, self._slots = [], {}, [], []
         keys = ("exp_avg", "exp_avg_sq") if fused_backward else ("param", "grad", "exp_avg", "exp_avg_sq")
         offset = 0
