@@ -17,6 +17,7 @@ import shutil
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -93,17 +94,17 @@ class DreamBoothData(pl.LightningDataModule):
         self.instance_captions, self.class_captions = [], []
         for instance_dir, class_manifest in subjects:
             manifest = json.loads((Path(instance_dir) / "manifest.json").read_text())
-            instance += [Image.open(Path(instance_dir) / m["file"]) for m in manifest]
+            instance += [Path(instance_dir) / m["file"] for m in manifest]
             self.instance_captions += [m["caption"] for m in manifest]
             self.instance_counts.append(len(manifest))
             files = json.loads(Path(class_manifest).read_text()) if class_manifest else {"images": []}
-            classes += [Image.open(f) for f in files["images"]]
+            classes += files["images"]
             self.class_captions += [files.get("prompt", "")] * len(files["images"])
             self.class_counts.append(len(files["images"]))
         if any(self.class_counts) and not all(self.class_counts):
             raise DreampipeError("every subject needs class images, or none: give each subject a class manifest")
-        self.instance_images = sampling.from_pil(instance)
-        self.class_images = sampling.from_pil(classes) if classes else torch.empty(0)
+        self.instance_images = sampling.from_pil(read_images(instance))
+        self.class_images = sampling.from_pil(read_images(classes)) if classes else torch.empty(0)
 
     def train_dataloader(self):
         accum, trainer = self.settings["gradient_accumulation_steps"], self.trainer
@@ -114,6 +115,12 @@ class DreamBoothData(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # indices stay on the CPU, where they are used; the module uploads what the GPU needs
+
+
+def read_images(files: list) -> list[Image.Image]:
+    """Decoded in threads (PIL releases the GIL while decoding): hundreds of class images."""
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda f: Image.open(f).convert("RGB"), files))
 
 
 class DreamBooth(pl.LightningModule):
@@ -169,11 +176,11 @@ class DreamBooth(pl.LightningModule):
         out = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
         fast = torch.autocast(self.device.type, torch.bfloat16, enabled=speed.bf16_weights(self.s, self.device))
         for chunk in pixels.split(8):
-            for suffix, x in (("", chunk), ("_flip", chunk.flip(-1))):
-                with fast:
-                    dist = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist
-                out["mean" + suffix].append(dist.mean.float())
-                out["std" + suffix].append(dist.std.float())
+            with fast:  # each image and its mirror image in one batch
+                dist = self.vae.encode(torch.cat([chunk, chunk.flip(-1)]).to(self.device, self.vae.dtype)).latent_dist
+            for key, value in (("mean", dist.mean), ("std", dist.std)):
+                out[key].append(value[:len(chunk)].float())
+                out[key + "_flip"].append(value[len(chunk):].float())
         return {k: torch.cat(v) for k, v in out.items()}
 
     def _embed(self, captions: list[str]) -> torch.Tensor:
@@ -579,6 +586,16 @@ class WriteModel(pl.Callback):
         self.written = True
 
 
+class StayOnDevice(pl.strategies.SingleDeviceStrategy):
+    """One device, without the teardown's copy of the networks and the optimizer state to the CPU
+    (seconds at SD size, for a process that ends: WriteModel has written everything by then)."""
+
+    def teardown(self) -> None:
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+
 def fingerprint(settings: dict, inputs: list[Path], world_size: int, *, cache: Path) -> str:
     """What shaped this run's weights: the training settings and the content of every input, each
     hashed as a stream once and kept in `cache` by (path, size, mtime), so a resume does not read
@@ -626,12 +643,22 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     world = world_size(settings["devices"])
     inputs = [Path(p) for p in (model_path, base_options.get("fallback")) if p]
     inputs += [p for inst, cls in subjects for p in (Path(inst) / "manifest.json", cls) if p]
-    fp = fingerprint({**settings, "use_ema": base_options.get("use_ema", False)}, inputs, world,
-                     cache=state_dir.parent / ".cache" / "input-hashes.json")
     # DDP starts the other ranks by running this command again: only the first prepares the folders
     first_rank = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if first_rank:
         state_folder.lock(state_dir)
+    # the inputs' content hashes (seconds for a new base model) and the images are read while the model loads
+    with ThreadPoolExecutor(2) as pool:
+        data = pool.submit(DreamBoothData, subjects, settings)
+        fp = pool.submit(fingerprint, {**settings, "use_ema": base_options.get("use_ema", False)}, inputs, world,
+                         cache=state_dir.parent / ".cache" / "input-hashes.json")
+        pl.seed_everything(settings["seed"], verbose=False)
+        # on one GPU the model goes there at once, in the file's dtype, and is cast there
+        one_gpu = world == 1 and torch.cuda.is_available() and not isinstance(settings["devices"], list)
+        model = checkpoint.load(model_path, tokenizer=tokenizer, device="cuda" if one_gpu else None, **base_options)
+        log.info("loaded %s", model_path)
+        fp, data = fp.result(), data.result()
+    if first_rank:
         state_folder.set_aside_if_unreadable(state_dir, STATE_FILE)
     resume = state_dir / STATE_FILE
     ckpt_path = resume if resume.exists() and (state_dir / "fingerprint").read_text() == fp else None
@@ -648,12 +675,6 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
                 shutil.rmtree(workdir / name, ignore_errors=True)
         workdir.mkdir(parents=True, exist_ok=True)
 
-    pl.seed_everything(settings["seed"], verbose=False)
-    # on one GPU the model goes there at once, in the file's dtype, and is cast there
-    one_gpu = world == 1 and torch.cuda.is_available() and not isinstance(settings["devices"], list)
-    model = checkpoint.load(model_path, tokenizer=tokenizer, device="cuda" if one_gpu else None, **base_options)
-    log.info("loaded %s", model_path)
-    data = DreamBoothData(subjects, settings)
     module = DreamBooth(model, settings)
     saver = SaveState(state_dir, settings["save_state_every_n_steps"], settings["save_state_every_n_minutes"])
     sampler = SampleGrid(workdir, settings)
@@ -666,7 +687,8 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
         callbacks.append(pl.callbacks.LearningRateMonitor("step"))
     # after text_encoder_steps the text encoder gets no gradients, which DDP must be told
     te_stops = settings["train_text_encoder"] and settings["text_encoder_steps"] is not None
-    strategy = ("ddp_find_unused_parameters_true" if te_stops else "ddp") if world > 1 else "auto"
+    strategy = (("ddp_find_unused_parameters_true" if te_stops else "ddp") if world > 1
+                else StayOnDevice(torch.device("cuda")) if one_gpu else "auto")
     trainer = pl.Trainer(
         max_steps=settings["max_steps"], accelerator="auto", devices=settings["devices"], strategy=strategy,
         precision=precision(settings["precision"]),
