@@ -6,14 +6,16 @@
 # (../shared/tools/device-workflow-kit.sh). Works in /tmp/e2e (kept between calls of one machine, so
 # a second character there finds the base model and warm compile caches).
 # Env: NAME (alice), CLASS (woman), STEPS (1000), NCLASS (200), LIMIT (540 s), COLD=1 empties the
-# compile caches first, TRAIN_EXTRA (yaml lines under train:).
+# compile caches (Triton's and inductor's, under /tmp/e2e-cache) first, TRAIN_EXTRA (yaml lines under train:).
 # Prints per-rule seconds from Snakemake's benchmark files; writes $OUT/e2e-$NAME.log.
 set -u
 OUT=${OUT:-/tmp/e2e-out}; mkdir -p "$OUT"
 NAME=${NAME:-alice}; CLASS=${CLASS:-woman}; STEPS=${STEPS:-1000}
 mkdir -p /tmp/e2e && tar --exclude=./.whl --exclude=./.devkit --exclude=./results --exclude=./.snakemake --exclude=./config/characters -cf - . | tar -xf - -C /tmp/e2e
 cd /tmp/e2e
-[ -n "${COLD:-}" ] && rm -rf /tmp/torchinductor_root results
+# compile caches of its own (a test run beside it on another GPU does not warm them)
+export TRITON_CACHE_DIR=/tmp/e2e-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/e2e-cache/inductor
+[ -n "${COLD:-}" ] && rm -rf /tmp/e2e-cache results
 secs() { python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$@"; }
 python3 bench/sd1_base.py /tmp/base
 python3 bench/e2e_photos.py "/tmp/photos/$NAME"
@@ -41,7 +43,7 @@ for f in results/class/*/benchmarks/*.tsv results/$NAME/benchmarks/*.tsv results
   [ -f "$f" ] && echo "  $(basename $(dirname $(dirname $f)))/$(basename $f .tsv): $(tail -1 $f | cut -f1) s, max RSS $(tail -1 $f | cut -f3) MB"
 done
 echo "  recompiles: $(cat results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | grep -c Recompiling)"
-grep -h "done in\|loaded\|cached\|step 25/\|step 1000\|written\|state of step" results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | cut -c1-200 | tail -12
+grep -h "done in\|loaded\|cached\|step 25/\|step $STEPS/\|written\|state of step\|seconds\| in [0-9.]* s" results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | cut -c1-200 | tail -16
 ls -la results/$NAME/*.safetensors
 cp results/$NAME/samples/final.png "$OUT/final-$NAME.png" 2>/dev/null
 tar czf "$OUT/logs-$NAME.tgz" results/$NAME/logs results/$NAME/benchmarks results/$NAME/train/loss.csv results/class/*/logs 2>/dev/null
