@@ -50,3 +50,18 @@ def test_the_sample_command_draws_with_dpm_solver_in_25_steps_by_default(tiny_mo
     assert cli.main(["sample", str(model), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "g.png"),
                      "--prompt", "a dog", "--seeds", "0", "--resolution", "64"]) == 0
     assert [(k["sampler"], k["steps"]) for k in calls] == [("dpmsolver++", 25)]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_networks_keep_device_dtype_and_layout_and_take_the_weights_of_a_fresh_load(tiny_model,
+                                                                                                   finetuned):
+    import torch
+
+    model = sampling.load(tiny_model[0], tiny_model[1])
+    sampling.load_weights(model, finetuned, tiny_model[1])
+    fresh = sampling.load(finetuned, tiny_model[1])
+    for mine, theirs in ((model.unet, fresh.unet), (model.vae, fresh.vae), (model.text_encoder, fresh.text_encoder)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert a.device.type == "cuda" and a.dtype == b.dtype and torch.equal(a, b), name
+    conv = model.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
