@@ -228,17 +228,20 @@ def test_two_writers_of_one_file_never_touch_each_others_temporary_file(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["n3.json"], "no temporary file is left behind"
 
 
-def test_on_a_gpu_every_batch_has_the_full_size(tiny_model, tmp_path, monkeypatch):
-    """A compiled graph has one shape: the last, smaller batch is padded, and the padding is not kept."""
+@pytest.mark.parametrize("compiled, sizes", [(True, [2, 2, 2]), (False, [2, 2, 1])])
+def test_on_a_gpu_every_batch_has_the_full_size_when_compiled(tiny_model, tmp_path, monkeypatch, compiled, sizes):
+    """A compiled graph has one shape: the last, smaller batch is padded, and the padding is not kept.
+    Eager, the padding would only cost time."""
     from dreampipe import sampling, speed
 
-    sizes, sample = [], sampling.generate
+    seen, sample = [], sampling.generate
     monkeypatch.setattr(speed, "on_gpu", lambda device: True)
     monkeypatch.setattr(speed, "prepare_sampling", lambda *a, **k: None)
-    monkeypatch.setattr(sampling, "generate", lambda model, prompts, seeds, **k: (sizes.append(len(seeds)),
+    monkeypatch.setattr(class_images, "COMPILE_FROM_IMAGE_STEPS", 1 if compiled else 10**9)
+    monkeypatch.setattr(sampling, "generate", lambda model, prompts, seeds, **k: (seen.append(len(seeds)),
                                                                                    sample(model, prompts, seeds, **k))[1])
     made = generate(tiny_model, tmp_path / "store", 5, batch_size=2)
-    assert sizes == [2, 2, 2]
+    assert seen == sizes
     assert made == [0, 1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "store").glob("0*.png")) == [f"{i:05d}.png" for i in range(5)]
 

@@ -128,7 +128,8 @@ def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampl
     on_gpu = speed.on_gpu(sampling.pick_device())
     if batch_size == "auto":
         batch_size = 16 if on_gpu else 4
-    if on_gpu and len(todo) * steps >= COMPILE_FROM_IMAGE_STEPS:
+    compiled = on_gpu and len(todo) * steps >= COMPILE_FROM_IMAGE_STEPS
+    if compiled:
         speed.prepare_sampling(model, "cuda", scope="blocks")
     load_s, sampling_s, write_s = time.perf_counter() - start, 0.0, []
 
@@ -145,8 +146,8 @@ def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampl
         queued = []
         for first in range(0, len(todo), batch_size):
             indexes = todo[first:first + batch_size]
-            # on a GPU the last batch is padded to the full size: a compiled graph keeps its shape
-            seeds = indexes + [indexes[-1]] * (batch_size - len(indexes)) if on_gpu else indexes
+            # compiled, the last batch is padded to the full size: a compiled graph keeps its shape
+            seeds = indexes + [indexes[-1]] * (batch_size - len(indexes)) if compiled else indexes
             t = time.perf_counter()
             batch = sampling.generate(model, [prompt] * len(seeds), seeds, resolution=resolution, steps=steps,
                                       guidance_scale=guidance_scale, negative_prompt=negative_prompt,
