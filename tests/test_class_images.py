@@ -228,16 +228,68 @@ def test_two_writers_of_one_file_never_touch_each_others_temporary_file(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["n3.json"], "no temporary file is left behind"
 
 
-def test_on_a_gpu_every_batch_has_the_full_size(tiny_model, tmp_path, monkeypatch):
-    """A compiled graph has one shape: the last, smaller batch is padded, and the padding is not kept."""
+@pytest.mark.parametrize("compiled, sizes", [(True, [2, 2, 2]), (False, [2, 2, 1])])
+def test_on_a_gpu_every_batch_has_the_full_size_when_compiled(tiny_model, tmp_path, monkeypatch, compiled, sizes):
+    """A compiled graph has one shape: the last, smaller batch is padded, and the padding is not kept.
+    Eager, the padding would only cost time."""
     from dreampipe import sampling, speed
 
-    sizes, sample = [], sampling.generate
+    seen, sample = [], sampling.generate
     monkeypatch.setattr(speed, "on_gpu", lambda device: True)
     monkeypatch.setattr(speed, "prepare_sampling", lambda *a, **k: None)
-    monkeypatch.setattr(sampling, "generate", lambda model, prompts, seeds, **k: (sizes.append(len(seeds)),
+    monkeypatch.setattr(class_images, "COMPILE_FROM_IMAGE_STEPS", 1 if compiled else 10**9)
+    monkeypatch.setattr(sampling, "generate", lambda model, prompts, seeds, **k: (seen.append(len(seeds)),
                                                                                    sample(model, prompts, seeds, **k))[1])
     made = generate(tiny_model, tmp_path / "store", 5, batch_size=2)
-    assert sizes == [2, 2, 2]
+    assert seen == sizes
     assert made == [0, 1, 2, 3, 4]
     assert sorted(p.name for p in (tmp_path / "store").glob("0*.png")) == [f"{i:05d}.png" for i in range(5)]
+
+
+def test_pngs_are_written_beside_sampling_whole_and_equal_to_what_was_sampled(tiny_model, tmp_path, monkeypatch):
+    """The PNG encoding of a batch runs in writer threads while the next batch samples; each file
+    appears complete (atomic rename) and holds exactly the sampled pixels."""
+    from dreampipe import images, sampling
+
+    writers, sampled, save, sample = set(), {}, images.save_atomic, sampling.generate
+
+    def slow_save(image, path):
+        if Path(path).name.startswith("0"):  # a class image, not the contact sheet
+            writers.add(threading.get_ident())
+            time.sleep(0.05)
+        save(image, path)
+
+    def remember(model, prompts, seeds, **k):
+        out = sample(model, prompts, seeds, **k)
+        sampled.update({s: np.asarray(im).astype(int) for s, im in zip(seeds, out)})
+        return out
+
+    monkeypatch.setattr(images, "save_atomic", slow_save)
+    monkeypatch.setattr(sampling, "generate", remember)
+    generate(tiny_model, tmp_path / "set", 5, batch_size=2)
+    assert writers and threading.get_ident() not in writers, "PNGs are written by the sampling thread"
+    assert sorted(p.name for p in (tmp_path / "set").iterdir() if not p.name.startswith("n5.")) == \
+        [".lock"] + [f"{i:05d}.png" for i in range(5)], "no temporary file is left behind"
+    for i in range(5):
+        assert (pixels(tmp_path / "set" / f"{i:05d}.png") == sampled[i]).all()
+
+
+def test_a_failed_png_write_fails_the_job(tiny_model, tmp_path, monkeypatch):
+    from dreampipe import images
+
+    def full_disk(image, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(images, "save_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        generate(tiny_model, tmp_path / "set", 3, batch_size=2)
+
+
+def test_the_log_tells_the_seconds_of_load_sampling_writing_and_contact_sheet_apart(tiny_model, tmp_path):
+    lines = []
+    generate(tiny_model, tmp_path / "set", 3, batch_size=2, log=lines.append)
+    assert any(re.fullmatch(r"class images: model loaded in [\d.]+ s, 3 sampled in [\d.]+ s \([\d.]+ img/s\), "
+                            r"PNGs written in [\d.]+ s by \d writer threads beside sampling, "
+                            r"[\d.]+ s past the last batch", line) for line in lines), lines
+    assert any(re.fullmatch(r"class images: manifest and contact sheet of 3 written in [\d.]+ s", line)
+               for line in lines), lines

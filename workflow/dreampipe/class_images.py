@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +25,9 @@ KEYWORDS = ("generate", "instance", "none")
 # Compiling the UNet's blocks (27 s with cold caches on an H200) pays for itself from about this
 # many images x sampling steps (250 images at 50 steps; docs/benchmarks.md); below, the GPU samples eagerly.
 COMPILE_FROM_IMAGE_STEPS = 12500
+# A 512 px PNG takes about 40 ms to encode, a batch of 16 about 3 s to sample on an H200: two
+# threads keep up with room to spare.
+WRITERS = 2
 
 
 def source(class_data: str, character_file) -> str:
@@ -81,8 +85,10 @@ def run(model_path, tokenizer, store: Path, manifest: Path, count: int, prompt: 
         log(f"class images: {count - len(todo)} of {count} already in {store}, {len(todo)} to make")
         if todo:
             _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler,
-                      steps, guidance_scale, resolution, batch_size, base_options or {})
+                      steps, guidance_scale, resolution, batch_size, base_options or {}, log)
+        start = time.perf_counter()
         write_manifest(Path(manifest), prompt, [image_path(store, i) for i in range(count)])
+        log(f"class images: manifest and contact sheet of {count} written in {time.perf_counter() - start:.1f} s")
     return todo
 
 
@@ -110,27 +116,53 @@ def write_manifest(manifest: Path, prompt: str, files: list[Path]) -> None:
 
 
 def _generate(model_path, tokenizer, store, todo, prompt, negative_prompt, sampler, steps,
-              guidance_scale, resolution, batch_size, base_options):
+              guidance_scale, resolution, batch_size, base_options, log):
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    from . import sampling, speed
-    from .images import save_atomic
+    from . import images, sampling, speed
 
+    start = time.perf_counter()
     model = sampling.load(model_path, tokenizer, base_options)
     on_gpu = speed.on_gpu(sampling.pick_device())
     if batch_size == "auto":
         batch_size = 16 if on_gpu else 4
-    if on_gpu and len(todo) * steps >= COMPILE_FROM_IMAGE_STEPS:
+    compiled = on_gpu and len(todo) * steps >= COMPILE_FROM_IMAGE_STEPS
+    if compiled:
         speed.prepare_sampling(model, "cuda", scope="blocks")
-    with tqdm(total=len(todo), unit="img", desc="class images") as bar:
-        for start in range(0, len(todo), batch_size):
-            indexes = todo[start:start + batch_size]
-            # on a GPU the last batch is padded to the full size: a compiled graph keeps its shape
-            seeds = indexes + [indexes[-1]] * (batch_size - len(indexes)) if on_gpu else indexes
-            images = sampling.generate(model, [prompt] * len(seeds), seeds,
-                                       resolution=resolution, steps=steps,
-                                       guidance_scale=guidance_scale,
-                                       negative_prompt=negative_prompt, sampler=sampler)
-            for i, image in zip(indexes, images):
-                save_atomic(image, image_path(store, i))
-            bar.update(len(indexes))
+    load_s, sampling_s, write_s = time.perf_counter() - start, 0.0, []
+
+    def write(image, index):
+        t = time.perf_counter()
+        images.save_atomic(image, image_path(store, index))
+        write_s.append(time.perf_counter() - t)
+
+    # PNG encoding (zlib, which releases the GIL) runs in threads while the next batch samples.
+    # Waiting for one batch's writes before queueing the next one's bounds the images in memory and
+    # stops the job at a failed write; leaving the pool waits for the writes queued, so a failed
+    # batch keeps the images of those before it.
+    with ThreadPoolExecutor(WRITERS) as writers, tqdm(total=len(todo), unit="img", desc="class images") as bar:
+        queued = []
+        for first in range(0, len(todo), batch_size):
+            indexes = todo[first:first + batch_size]
+            # compiled, the last batch is padded to the full size: a compiled graph keeps its shape
+            seeds = indexes + [indexes[-1]] * (batch_size - len(indexes)) if compiled else indexes
+            t = time.perf_counter()
+            batch = sampling.generate(model, [prompt] * len(seeds), seeds, resolution=resolution, steps=steps,
+                                      guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                                      sampler=sampler)
+            sampling_s += time.perf_counter() - t
+            bar.update(_wait(queued))
+            queued = [writers.submit(write, image, i) for i, image in zip(indexes, batch)]
+        t = time.perf_counter()
+        bar.update(_wait(queued))
+    log(f"class images: model loaded in {load_s:.1f} s, {len(todo)} sampled in {sampling_s:.1f} s "
+        f"({len(todo) / sampling_s:.2f} img/s), PNGs written in {sum(write_s):.1f} s by {WRITERS} writer "
+        f"threads beside sampling, {time.perf_counter() - t:.1f} s past the last batch")
+
+
+def _wait(futures) -> int:
+    for f in futures:
+        f.result()
+    return len(futures)

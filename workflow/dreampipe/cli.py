@@ -148,8 +148,9 @@ def cmd_prune(a):
 def cmd_sample(a):
     from . import sample
 
-    sample.run(a.model, Path(a.out), a.prompt, a.seeds, a.resolution, a.steps, a.guidance_scale,
-               a.tokenizer, a.base_model, base_options=base_options(a))
+    sample.run(a.model, Path(a.out), a.prompt, a.seeds, a.resolution, steps=a.steps, guidance_scale=a.guidance_scale,
+               sampler=a.sampler, tokenizer=a.tokenizer, base_model=a.base_model, base_options=base_options(a),
+               log=log.info)
 
 
 def cmd_check_report(a):
@@ -283,7 +284,8 @@ def main(argv=None) -> int:
     sp.add_argument("--prompt", action="append", required=True)
     sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     sp.add_argument("--resolution", type=int, default=512)
-    sp.add_argument("--steps", type=int, default=50)
+    sp.add_argument("--sampler", default="dpmsolver++", choices=["ddim", "dpmsolver++"])
+    sp.add_argument("--steps", type=int, default=25)
     sp.add_argument("--guidance-scale", type=float, default=7.5)
     sp.add_argument("--tokenizer")
     sp.add_argument("--base-model", help="also sample this model, above (before/after)")

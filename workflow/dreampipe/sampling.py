@@ -80,6 +80,16 @@ def load(path, tokenizer, base_options: dict | None = None) -> StableDiffusion:
     return model
 
 
+def load_weights(model: StableDiffusion, path, tokenizer) -> None:
+    """The weights of the model at `path` (same architecture) into `model`'s networks, which keep
+    their device, dtype and memory format: nothing is built or moved but the weights themselves."""
+    from . import checkpoint
+
+    other = checkpoint.load(path, tokenizer=tokenizer, dtype=None)  # the file's tensors, mapped
+    for mine, theirs in ((model.unet, other.unet), (model.vae, other.vae), (model.text_encoder, other.text_encoder)):
+        mine.load_state_dict(theirs.state_dict())
+
+
 def from_pil(images: list[Image.Image]) -> torch.Tensor:
     arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1

@@ -24,6 +24,7 @@ rule sample:
             f"--prompt {shlex.quote(p)}" for p in char(wc)["sample"]["prompts"]
         ),
         seeds=lambda wc: shlex.join(map(str, char(wc)["sample"]["seeds"])),
+        sampler=lambda wc: char(wc)["sample"]["sampler"],
         steps=lambda wc: char(wc)["sample"]["steps"],
         guidance_scale=lambda wc: char(wc)["sample"]["guidance_scale"],
         resolution=lambda wc: char(wc)["prepare"]["resolution"],
@@ -32,5 +33,6 @@ rule sample:
         base_options=base_options,
     shell:
         "dreampipe sample {input.model:q} --base-model {params.base:q} {params.base_options} --out {output:q} {params.prompts}"
-        " --seeds {params.seeds} --steps {params.steps:q} --guidance-scale {params.guidance_scale:q}"
+        " --seeds {params.seeds} --sampler {params.sampler:q} --steps {params.steps:q}"
+        " --guidance-scale {params.guidance_scale:q}"
         " --resolution {params.resolution:q} {params.tokenizer} --log {log:q}"

@@ -1,0 +1,67 @@
+"""Sample: the final grid of a model, below the same grid from the base model (before/after)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreampipe import cli, sample, sampling
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_model, tmp_path_factory):
+    """Stands in for a trained model: the tiny architecture with other weights in all three networks."""
+    from dreampipe import tiny
+
+    path = tmp_path_factory.mktemp("finetuned") / "model.safetensors"
+    tiny.build(path, tmp_path_factory.mktemp("tokenizer"), seed=1)
+    return path
+
+
+def draw(tiny_model, finetuned, out, base=True):
+    model, tokenizer = tiny_model
+    return sample.run(finetuned, out, ["a photo of a dog", "a red toy"], [0, 1], 64, steps=2, guidance_scale=5.0,
+                      sampler="dpmsolver++", tokenizer=tokenizer, base_model=model if base else None)
+
+
+def test_the_base_model_is_loaded_once_and_its_networks_then_draw_the_model(tiny_model, finetuned, tmp_path,
+                                                                              monkeypatch):
+    loads, networks, load, generate = [], set(), sampling.load, sampling.generate
+    monkeypatch.setattr(sampling, "load", lambda path, *a, **k: (loads.append(path), load(path, *a, **k))[1])
+    monkeypatch.setattr(sampling, "generate", lambda model, *a, **k: (networks.add(id(model.unet)),
+                                                                      generate(model, *a, **k))[1])
+    draw(tiny_model, finetuned, tmp_path / "grid.png")
+    assert loads == [tiny_model[0]], "one model put on the device: the base model"
+    assert len(networks) == 1, "before and after are drawn by the same networks"
+
+
+def test_the_after_rows_are_the_grid_of_the_model_alone(tiny_model, finetuned, tmp_path):
+    alone = np.asarray(Image.open(draw(tiny_model, finetuned, tmp_path / "alone.png", base=False))).astype(int)
+    both = np.asarray(Image.open(draw(tiny_model, finetuned, tmp_path / "both.png"))).astype(int)
+    before = both[:both.shape[0] - alone.shape[0] - 8]
+    assert (both[-alone.shape[0]:] == alone).all()
+    assert before.shape == alone.shape and np.abs(before - alone).mean() > 1, "the base model draws other images"
+
+
+def test_the_sample_command_draws_with_dpm_solver_in_25_steps_by_default(tiny_model, tmp_path, monkeypatch):
+    """The same default sampler as class images; the config's sample.sampler and sample.steps choose others."""
+    calls, generate = [], sampling.generate
+    monkeypatch.setattr(sampling, "generate", lambda *a, **k: (calls.append(k), generate(*a, **{**k, "steps": 1}))[1])
+    model, tokenizer = tiny_model
+    assert cli.main(["sample", str(model), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "g.png"),
+                     "--prompt", "a dog", "--seeds", "0", "--resolution", "64"]) == 0
+    assert [(k["sampler"], k["steps"]) for k in calls] == [("dpmsolver++", 25)]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_networks_keep_device_dtype_and_layout_and_take_the_weights_of_a_fresh_load(tiny_model,
+                                                                                                   finetuned):
+    import torch
+
+    model = sampling.load(tiny_model[0], tiny_model[1])
+    sampling.load_weights(model, finetuned, tiny_model[1])
+    fresh = sampling.load(finetuned, tiny_model[1])
+    for mine, theirs in ((model.unet, fresh.unet), (model.vae, fresh.vae), (model.text_encoder, fresh.text_encoder)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert a.device.type == "cuda" and a.dtype == b.dtype and torch.equal(a, b), name
+    conv = model.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
