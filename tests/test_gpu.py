@@ -12,6 +12,7 @@ are written directly, not prepared.
 """
 
 import json
+import os
 import signal
 import sys
 import time
@@ -249,7 +250,8 @@ RESUME_SD1 = {**test_train.RESUME_SETTINGS, "resolution": 512, "max_steps": 150,
 
 
 @pytest.mark.parametrize("size", ["tiny", pytest.param("sd1", marks=gpu)])
-def test_killed_training_resumes_as_close_to_an_uninterrupted_run_as_the_hardware_allows(size, tiny_model, tmp_path):
+def test_killed_training_resumes_as_close_to_an_uninterrupted_run_as_the_hardware_allows(size, tiny_model, tmp_path,
+                                                                                          monkeypatch):
     """A training killed (SIGKILL) after a state save and run again ends where an uninterrupted run
     ends, as closely as the hardware repeats itself. The bound is a second uninterrupted run: where
     it is bit-identical to the first (the CPU; a deterministic GPU), so must the resumed one be;
@@ -258,6 +260,8 @@ def test_killed_training_resumes_as_close_to_an_uninterrupted_run_as_the_hardwar
     accumulation, a text encoder that stops after the resume point, warm-up: every carried state
     is on. The three runs go side by side (at SD size about 2 minutes on an H200); only the killed
     one saves state (its disk: ~10 GB a state at SD size)."""
+    if torch.cuda.is_available():  # all three on this GPU at once, not waiting in turn for its slot (gpu_slots)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     resolution = 512 if size == "sd1" else 64
     model = sd1_file(tmp_path / "base") if size == "sd1" else tiny_model
     data = instance_folder(tmp_path / "instance", resolution)
