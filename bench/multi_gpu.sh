@@ -12,8 +12,8 @@
 #      share of the distance training moved the weights (the CPU test's bound: under 0.3), beside
 #      the same share for one GPU at batch 1 (the wrong global batch: the CPU test wants over 0.5).
 #      The CPU test trains 3 steps; over more steps runs that differ only in float rounding drift
-#      apart (tiny model on a CPU, 50 steps: 0.72 for DDP, 0.91 for the wrong batch), so last, if
-#      time is left, the GPU twin of that test itself (tests/test_gpu_slots.py, tiny model, 3 steps).
+#      apart (tiny model on a CPU, 50 steps: 0.72 for DDP, 0.91 for the wrong batch), so the GPU
+#      twin of that test itself runs first (tests/test_gpu_slots.py, tiny model, 3 steps).
 # To fit the call: STEPS (150) steps, NCLASS (16) class images, made once for both characters (both
 # are "woman") by a warm-up run before the timed ones. The warm-up also trains WARM_STEPS (30)
 # steps where no compile cache is on the machine yet (bench/e2e_gpu.sh leaves one; WARM_STEPS=0
@@ -100,7 +100,18 @@ rm -f config/characters/*.yaml
 character alice 2 "$STEPS" 1 "${DDP_COMPILE:-auto}"
 run devices-2 2 train && keep ddp && cp results/alice/logs/train.log "$OUT/alice-2.log"
 character alice 1 "$STEPS" 2
-run one-gpu-batch-2 1 train && keep b2
+# the GPU twin of the CPU test, at its own size and bound (about 40 s), before the longer SD-size run
+if [ $((END - $(date +%s))) -gt 40 ]; then
+  (cd "$ROOT" && timeout $((END - $(date +%s))) python3 -m pytest -q -x -m gpu tests/test_gpu_slots.py \
+    -k ddp_on_two_gpus 2>&1 | tail -3)
+else
+  echo "tests/test_gpu_slots.py -k ddp_on_two_gpus: skipped, the deadline is near"
+fi
+if [ $((END - $(date +%s))) -gt 45 ]; then
+  run one-gpu-batch-2 1 train && keep b2
+else
+  echo "one-gpu-batch-2: skipped, the deadline is near"
+fi
 
 echo "== figures (STEPS=$STEPS, NCLASS=$NCLASS, SIZE=$SIZE, $(($(date +%s) - START)) s in all)"
 python3 - "$SEQ" "$PAR" "$OUT" "$STEPS" <<'PY'
@@ -166,9 +177,3 @@ print(f"trained UNet against one GPU at the same global batch (batch_size 2), as
       f"({moved:.4g}): devices 2 {sq['ddp'] ** 0.5 / moved:.3f} (CPU test's bound: < 0.3); one GPU at batch 1, "
       f"the wrong global batch: {sq['b1'] ** 0.5 / moved:.3f} (CPU test: > 0.5)")
 PY
-left=$((END + 50 - $(date +%s)))
-if [ "$left" -gt 40 ]; then
-  cd "$ROOT" && timeout "$left" python3 -m pytest -q -x -m gpu tests/test_gpu_slots.py -k ddp_on_two_gpus 2>&1 | tail -3
-else
-  echo "tests/test_gpu_slots.py -k ddp_on_two_gpus: skipped, the deadline is near"
-fi

@@ -210,6 +210,15 @@ def test_text_encoder_stops_moving_at_its_stop_step_on_the_gpu(tiny_model, tmp_p
 
 
 @gpu
+def test_text_encoder_learning_rate_zero_keeps_the_text_encoder_on_the_gpu(tiny_model, tmp_path):
+    """GPU twin of test_text_encoder_learning_rate_zero_keeps_the_text_encoder: a text encoder
+    that does not move is written exactly as loaded, not through the bf16 it trains in."""
+    base = load_file(tiny_model[0])
+    trained = run_tiny(tiny_model, tmp_path, train_text_encoder=True, text_encoder_learning_rate=0)
+    assert test_train.identical(test_train.part(trained, TEXT), test_train.part(base, TEXT))
+
+
+@gpu
 def test_adamw8bit_trains_at_a_dreambooth_learning_rate(tiny_model, tmp_path):
     """bitsandbytes' AdamW8bit rounds to nearest, so it trains fp32 master weights: at lr 2e-6
     most UNet weights move (on bf16 weights almost none would)."""
