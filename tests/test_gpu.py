@@ -231,15 +231,6 @@ def test_adamw8bit_trains_at_a_dreambooth_learning_rate(tiny_model, tmp_path):
     assert moved > 0.5
 
 
-def sd1_file(folder: Path) -> tuple[Path, Path]:
-    """An SD 1.x-size base model (random weights, fp16, single-file layout) and its tokenizer."""
-    folder.mkdir(parents=True)
-    checkpoint.save(sd1_model(), folder / "sd1.safetensors", dtype="fp16")
-    torch.cuda.empty_cache()  # the trainers, not this process, need the GPU's memory
-    tiny.write_tokenizer(folder / "tokenizer")
-    return folder / "sd1.safetensors", folder / "tokenizer"
-
-
 def rms_ulps(a: dict, b: dict) -> float:
     """RMS distance of the trained networks (UNet, text encoder) of two weight files, in bf16 ulps
     of each weight (the training dtype's spacing: how finely the hardware can place a weight)."""
@@ -259,8 +250,7 @@ RESUME_SD1 = {**test_train.RESUME_SETTINGS, "resolution": 512, "max_steps": 150,
 
 
 @pytest.mark.parametrize("size", ["tiny", pytest.param("sd1", marks=gpu)])
-def test_killed_training_resumes_as_close_to_an_uninterrupted_run_as_the_hardware_allows(size, tiny_model, tmp_path,
-                                                                                          monkeypatch):
+def test_killed_training_resumes_as_close_to_an_uninterrupted_run_as_the_hardware_allows(size, tmp_path, monkeypatch):
     """A training killed (SIGKILL) after a state save and run again ends where an uninterrupted run
     ends, as closely as the hardware repeats itself. The bound is a second uninterrupted run: where
     it is bit-identical to the first (the CPU; a deterministic GPU), so must the resumed one be;
@@ -272,7 +262,12 @@ def test_killed_training_resumes_as_close_to_an_uninterrupted_run_as_the_hardwar
     if torch.cuda.is_available():  # all three on this GPU at once, not waiting in turn for its slot (gpu_slots)
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     resolution = 512 if size == "sd1" else 64
-    model = sd1_file(tmp_path / "base") if size == "sd1" else tiny_model
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sd1_base
+
+    model = sd1_base.write(tmp_path / "base", size)  # random weights, fp16 single file, as users' files
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the trainers, not this process, need the GPU's memory
     data = instance_folder(tmp_path / "instance", resolution)
     subjects = [(data, class_manifest(tmp_path, resolution))]
     s = test_train.settings(**(RESUME_SD1 if size == "sd1" else test_train.RESUME_SETTINGS))
