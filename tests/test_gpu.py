@@ -1,8 +1,9 @@
 """The GPU path, which the CPU tests cannot see: bf16 weights, AdamWBF16 (stochastic rounding),
 torch.compile and CUDA graphs, the low-memory profile. Tests marked gpu are skipped without CUDA;
-on a GPU machine run
+on a GPU machine run (with `source .devkit/setup.sh` first where the image lacks diffusers)
 
-    pytest -s -m gpu tests/test_gpu.py
+    pytest -s -m gpu tests/test_gpu.py                              # all: about 6 minutes on an H200
+    pytest -s tests/test_gpu.py -k "resumes_as_close and sd1"      # resume after a kill, SD size: ~2 min
 
 and record the printed figures (lines starting with "GPU") in docs/benchmarks.md. Tests that can
 also run on the CPU at tiny size do so unmarked, so CI keeps the test itself honest.
