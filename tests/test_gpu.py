@@ -197,6 +197,38 @@ def test_the_ema_model_is_written_from_its_fp32_average(tiny_model, tmp_path):
 
 
 @gpu
+def test_ema_gives_the_model_averaged_weights_on_the_gpu(tiny_model, tmp_path):
+    """GPU twin of test_ema_gives_the_model_averaged_weights: the EMA of bf16 weights lies behind
+    the last weights of the path, and the text encoder is the raw run's."""
+    base = load_file(tiny_model[0])
+    raw = run_tiny(tiny_model, tmp_path / "raw", max_steps=6)
+    ema = run_tiny(tiny_model, tmp_path / "ema", max_steps=6, ema=True, ema_decay=0.9)
+    assert not test_train.identical(test_train.part(ema, UNET), test_train.part(raw, UNET))
+    assert test_train.identical(test_train.part(ema, TEXT), test_train.part(raw, TEXT))
+    moved = {k: (raw[k].float() - base[k].float()).norm() for k in test_train.part(raw, UNET)}
+    assert sum((ema[k].float() - base[k].float()).norm() for k in moved) < sum(moved.values())
+
+
+@gpu
+def test_sigterm_on_the_gpu_saves_state_and_exits_with_a_clear_message(tiny_model, tmp_path):
+    """GPU twin of test_sigterm_saves_state_and_exits_with_a_clear_message: the state is taken
+    from the GPU at the signal and written before the process ends."""
+    data = instance_folder(tmp_path / "instance", 64)
+    s = test_train.settings(max_steps=100000, save_state_every_n_steps=0)
+    proc = test_train.start(test_train.train_command(tiny_model, [(data, None)], tmp_path, s))
+    csv = tmp_path / "train" / "loss.csv"
+    test_train.wait_for(lambda: csv.exists() and len(csv.read_text().splitlines()) > 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    assert "training stopped by SIGTERM at step" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    saved = torch.load(tmp_path / ".state" / train.STATE_FILE, weights_only=True)
+    assert saved["global_step"] >= 25
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@gpu
 def test_text_encoder_stops_moving_at_its_stop_step_on_the_gpu(tiny_model, tmp_path):
     """GPU twin of test_text_encoder_changes_only_when_trained_and_until_its_stop_step: with
     AdamWBF16 the text encoder gets no momentum tail or weight decay after text_encoder_steps."""
