@@ -183,7 +183,8 @@ def curve(size: str, steps: int, lr: float | None = None):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), dpi=100, sharex=True)
     for n, v in smooth.items():
         top.plot(x, v, label=n)
-        bottom.plot(x, v - smooth["recipe_A"], label=f"{n} - recipe_A")
+        if n != "recipe_A":
+            bottom.plot(x, v - smooth["recipe_A"], label=f"{n} - recipe_A")
     top.set(ylabel=f"loss (mean of {w} steps)", title=f"{size} UNet, random init, lr {lr:g}, same noise and timesteps")
     bottom.set(xlabel="step", ylabel="difference to recipe_A")
     top.legend(), bottom.legend()
