@@ -181,10 +181,10 @@ def curve(size: str, steps: int, lr: float | None = None):
     smooth = {n: np.convolve(v, np.ones(w) / w, "valid") for n, v in losses.items()}
     x = range(w, steps + 1)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), dpi=100, sharex=True)
-    for n, v in smooth.items():
-        top.plot(x, v, label=n)
+    for i, (n, v) in enumerate(smooth.items()):
+        top.plot(x, v, label=n, color=f"C{i}")
         if n != "recipe_A":
-            bottom.plot(x, v - smooth["recipe_A"], label=f"{n} - recipe_A")
+            bottom.plot(x, v - smooth["recipe_A"], label=f"{n} - recipe_A", color=f"C{i}")
     top.set(ylabel=f"loss (mean of {w} steps)", title=f"{size} UNet, random init, lr {lr:g}, same noise and timesteps")
     bottom.set(xlabel="step", ylabel="difference to recipe_A")
     top.legend(), bottom.legend()
