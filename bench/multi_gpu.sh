@@ -103,9 +103,9 @@ character alice 1 "$STEPS" 2
 # the GPU twin of the CPU test, at its own size and bound (about 40 s), before the longer SD-size run
 if [ $((END - $(date +%s))) -gt 40 ]; then
   (cd "$ROOT" && timeout $((END - $(date +%s))) python3 -m pytest -q -x -m gpu tests/test_gpu_slots.py \
-    -k ddp_on_two_gpus 2>&1 | tail -3)
+    -k ddp_on_two_gpus_takes_both 2>&1 | tail -3)
 else
-  echo "tests/test_gpu_slots.py -k ddp_on_two_gpus: skipped, the deadline is near"
+  echo "tests/test_gpu_slots.py -k ddp_on_two_gpus_takes_both: skipped, the deadline is near"
 fi
 if [ $((END - $(date +%s))) -gt 45 ]; then
   run one-gpu-batch-2 1 train && keep b2
