@@ -9,9 +9,9 @@
 #   2. alice with train.devices 2 (DDP, batch 1 a GPU) against alice on one GPU (from run 1): it/s
 #      and images/s (goal: at least 1.8x the images/s), the lines each rank logged, and the trained
 #      UNet against a one-GPU run of the same global batch (batch_size 2): their distance as a
-#      share of the distance training moved the weights (the CPU test's bound: under 0.3), beside
-#      the same share for one GPU at batch 1 (the wrong global batch: the CPU test wants over 0.5).
-#      The CPU test trains 3 steps; over more steps runs that differ only in float rounding drift
+#      share of the distance training moved the weights, beside the same share for one GPU at
+#      batch 1 (the wrong global batch). The CPU test trains 3 steps (bound: under 0.3 for DDP,
+#      over 0.5 for the wrong batch); over more steps runs that differ only in float rounding drift
 #      apart (tiny model on a CPU: DDP 0.22 of the distance moved after 3 steps, 0.72 after 10,
 #      against 1.16 and 1.09 for the wrong batch), so at STEPS steps the two shares are context,
 #      and the check at the CPU test's own bound is its GPU twin, which runs first
