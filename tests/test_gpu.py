@@ -15,6 +15,7 @@ are written directly, not prepared.
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -276,6 +277,13 @@ def rms_ulps(a: dict, b: dict) -> float:
     return (sq / n) ** 0.5
 
 
+def launch(cmd: list[str], log: Path):
+    """A training subprocess writing to `log` (a pipe nobody reads would stop it once full)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "workflow")}
+    with log.open("w") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
 # Everything that carries state across steps, as test_train.RESUME_SETTINGS; at SD size 150 steps,
 # so that the kill, after the first state save (step 50) is on disk, lands mid-run.
 RESUME_SD1 = {**test_train.RESUME_SETTINGS, "resolution": 512, "max_steps": 150, "save_state_every_n_steps": 50,
@@ -307,21 +315,22 @@ def test_killed_training_resumes_as_close_to_an_uninterrupted_run_as_the_hardwar
     unsaved = {**s, "save_state_every_n_steps": 0, "save_state_every_n_minutes": 0}
     t0 = time.perf_counter()
     folders = {name: tmp_path / name for name in ("whole", "rerun", "killed")}
-    procs = {name: test_train.start(test_train.train_command(model, subjects, folders[name], unsaved))
+    procs = {name: launch(test_train.train_command(model, subjects, folders[name], unsaved), tmp_path / f"{name}.log")
              for name in ("whole", "rerun")}
     cmd = test_train.train_command(model, subjects, folders["killed"], s)
-    killed = test_train.start(cmd)
-    test_train.wait_for(lambda: (folders["killed"] / ".state" / train.STATE_FILE).exists(), killed, timeout=600)
+    killed = launch(cmd, tmp_path / "killed.log")
+    end = time.time() + 600
+    while not (folders["killed"] / ".state" / train.STATE_FILE).exists():
+        assert killed.poll() is None, f"ended before the kill: {(tmp_path / 'killed.log').read_text()[-3000:]}"
+        assert time.time() < end, "no state saved in 10 minutes"
+        time.sleep(0.02)
     killed.send_signal(signal.SIGKILL)
-    killed.communicate()
+    killed.wait()
     assert not (folders["killed"] / "model.safetensors").exists(), "killed before the end"
-    resumed = test_train.start(cmd)
-    _, err = resumed.communicate()
-    assert resumed.returncode == 0, err[-3000:]
-    assert "resuming from" in err
-    for name, proc in procs.items():
-        _, err = proc.communicate()
-        assert proc.returncode == 0, f"{name}: {err[-3000:]}"
+    resumed = launch(cmd, tmp_path / "resumed.log")
+    for name, proc in {**procs, "resumed": resumed}.items():
+        assert proc.wait() == 0, f"{name}: {(tmp_path / f'{name}.log').read_text()[-3000:]}"
+    assert "resuming from" in (tmp_path / "resumed.log").read_text()
     whole, rerun, after = (load_file(folders[n] / "model.safetensors") for n in ("whole", "rerun", "killed"))
     base = load_file(model[0])
     d_rerun, d_resumed = rms_ulps(rerun, whole), rms_ulps(after, whole)
