@@ -4,7 +4,7 @@ Run beside ../shared/bench/diffusers_recipe.py A L in the same call.
 
     python bench/train_speed.py default [--compile blocks|unet|false]  # the default profile, through train.DreamBooth + Lightning
     python bench/train_speed.py low_memory                          # train.low_memory: true
-    python bench/train_speed.py curve --steps 400                   # loss of the diffusers recipe vs our default profile, same seed and data
+    python bench/train_speed.py curve --steps 300                   # loss of the diffusers recipe vs our default profile, same seed and data (~2.5 min on an H200)
 
 Results: printed, and $OUT/train-<name>.json (curve: $OUT/curve.csv, $OUT/curve.png).
 """
