@@ -46,6 +46,7 @@ class_images: {steps: 2}
 train: {sample_steps: 2, sample_every_n_steps: 0}
 sample: {steps: 2, seeds: [0]}
 YAML
+rm -rf models "$OUT/alice-1.log" "$OUT/alice-2.log"  # nothing of an earlier run is compared
 mkdir -p config/characters models
 
 character() {  # NAME DEVICES STEPS [BATCH [COMPILE]]: rewrites the only character files there are
@@ -122,11 +123,11 @@ from datetime import datetime
 from pathlib import Path
 
 seq, par, out, steps = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
-try:
+if "nan" in (seq, par):
+    print(f"two characters: in turn {seq} s, side by side {par} s: no ratio")
+else:
     print(f"two characters: in turn on one GPU {seq} s, side by side on two {par} s: "
           f"{float(par) / float(seq):.3f}x (goal <= 0.55)")
-except ValueError:
-    print(f"two characters: in turn {seq} s, side by side {par} s: no ratio")
 
 
 def rate(log: Path):
