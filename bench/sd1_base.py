@@ -13,12 +13,20 @@ from common import random_sd1  # noqa: E402
 
 from dreampipe import checkpoint, tiny  # noqa: E402
 
+
+def write(out: Path, size: str = "sd1") -> tuple[Path, Path]:
+    """out/sd1-random.safetensors and out/tokenizer, made unless there; their paths."""
+    model, tokenizer = out / "sd1-random.safetensors", out / "tokenizer"
+    if not model.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.save(random_sd1(size=size), model, dtype="fp16")
+        tiny.write_tokenizer(tokenizer)
+    return model, tokenizer
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
     p.add_argument("--size", choices=["sd1", "tiny"], default="sd1")
     a = p.parse_args()
-    if not (a.out / "sd1-random.safetensors").exists():
-        a.out.mkdir(parents=True, exist_ok=True)
-        checkpoint.save(random_sd1(size=a.size), a.out / "sd1-random.safetensors", dtype="fp16")
-        tiny.write_tokenizer(a.out / "tokenizer")
+    write(a.out, a.size)

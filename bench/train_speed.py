@@ -4,7 +4,7 @@ Run beside ../shared/bench/diffusers_recipe.py A L in the same call.
 
     python bench/train_speed.py default [--compile blocks|unet|false]  # the default profile, through train.DreamBooth + Lightning
     python bench/train_speed.py low_memory                          # train.low_memory: true
-    python bench/train_speed.py curve                               # loss of recipe A's numerics vs ours, same seed and data
+    python bench/train_speed.py curve --steps 300                   # loss of the diffusers recipe vs our default profile, same seed and data (~2.5 min on an H200)
 
 Results: printed, and $OUT/train-<name>.json (curve: $OUT/curve.csv, $OUT/curve.png).
 """
@@ -51,10 +51,10 @@ def fake_data(folder: Path, size: int):
 
 class Timer(pl.Callback):
     """Seconds from the start of training to the end of its first step (load of the caches,
-    compile), and per step over steps [warm, warm + n)."""
+    compile), and per step over steps [warm, warm + n); peak memory before and during those."""
 
     def __init__(self, warm, n):
-        self.warm, self.n = warm, n
+        self.warm, self.n, self.warm_peak = warm, n, 0.0
 
     def on_train_start(self, trainer, module):
         self.start = time.perf_counter()
@@ -65,6 +65,7 @@ class Timer(pl.Callback):
             self.first_step = time.perf_counter() - self.start
         if batch_idx == self.warm - 1:
             synchronize()
+            self.warm_peak = peak_gib()  # model, cached latents (VAE encode), first steps
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             self.t0 = time.perf_counter()
@@ -95,62 +96,104 @@ def measure(profile: str, size: str, compile: str, warm: int, n: int):
     sec = timer.seconds
     save(f"train-{profile}-{compile}", {
         "profile": profile, "compile": compile, "size": size, "it_s": 1 / sec, "s_per_step": sec,
-        "first_step_s": timer.first_step, "step_peak_gib": timer.step_peak, "run_peak_gib": peak_gib(),
+        "first_step_s": timer.first_step, "step_peak_gib": timer.step_peak,
+        "run_peak_gib": max(timer.warm_peak, peak_gib()),  # the whole fit: what a card must hold
         "tflops": FLOP_STEP / sec / 1e12 if size == "sd1" else None,
         "wall_s_incl_build": time.perf_counter() - t0,
         "optimizer": type(trainer.optimizers[0]).__name__,
         "unet_dtype": str(next(model.unet.parameters()).dtype)})
 
 
-def curve(size: str, steps: int, lr: float = 1e-5):
-    """The same data, noise and timesteps for each: recipe A's numerics (fp32 weights, bf16
-    autocast, AdamW), ours (bf16 weights, AdamWBF16) and plain bf16 AdamW (round to nearest)."""
+def curve(size: str, steps: int, lr: float | None = None):
+    """Loss over `steps` steps of our default profile against the diffusers recipe, on the same
+    data (one instance and one class latent, fixed random), the same initial weights and the same
+    noise and timesteps at every step (drawn from the step's seed), with the loss of our training
+    step (instance + prior_loss_weight x class) and gradients clipped at max_grad_norm in all:
+      recipe_A: the diffusers DreamBooth example's numerics (fp32 weights, bf16 autocast, torch AdamW);
+      ours: the default profile's step (speed.prepare_training: bf16 channels-last UNet, replayed as
+        CUDA graphs on a GPU; speed.optimizer: AdamWBF16's stochastic rounding);
+      bf16_round_to_nearest: bf16 weights with torch's AdamW (what a plain bf16 cast would train).
+    lr: the default learning rate unless given."""
     from diffusers import DDPMScheduler
 
+    settings = {**train_defaults(), "resolution": RESOLUTION[size]}
+    lr = settings["learning_rate"] if lr is None else lr
     dev, res = device(), RESOLUTION[size] // 8
     g = torch.Generator().manual_seed(0)
     first = random_sd1(size=size)
-    latents = torch.randn(2, 4, res, res, generator=g).to(dev)
+    latents = torch.randn(2, 4, res, res, generator=g).to(dev)  # [instance, class]
     context = torch.randn(2, 77, first.architecture["unet"]["cross_attention_dim"], generator=g).to(dev)
+    sched = DDPMScheduler.from_config(first.architecture["scheduler"])
     del first
-    losses = {}
+    losses, seconds = {}, {}
     for name in ("recipe_A", "ours", "bf16_round_to_nearest"):
-        unet = random_sd1(seed=0, size=size).unet.train()
-        if name != "recipe_A":
-            unet.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
-        params = list(unet.parameters())
-        opt = (speed.AdamWBF16(params, lr=lr) if name == "ours"
-               else torch.optim.AdamW(params, lr=lr, foreach=True))
-        sched = DDPMScheduler.from_config(train.checkpoint.sd1_architecture()["scheduler"])
+        model = random_sd1(seed=0, size=size)
+        model.unet.train()
+        if name == "ours":
+            call = speed.prepare_training(model, settings, dev)
+        else:
+            if name == "bf16_round_to_nearest":
+                model.unet.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+
+            def call(x, t, c, unet=model.unet):
+                return unet(x, t, encoder_hidden_states=c).sample
+        params = [p for p in model.unet.parameters() if p.requires_grad]
+        groups = [{"params": params, "lr": lr}]
+        opt = (speed.optimizer(groups, settings, dev) if name == "ours"
+               else torch.optim.AdamW(groups, weight_decay=settings["adam_weight_decay"], foreach=True))
+        accumulates = isinstance(opt, speed.AdamWBF16)
         losses[name] = []
+        synchronize()
+        t0 = time.perf_counter()
         for k in range(steps):
             gk = torch.Generator().manual_seed(k)
             noise = torch.randn(latents.shape, generator=gk).to(dev)
             t = torch.randint(0, 1000, (2,), generator=gk).to(dev)
-            with torch.autocast(dev, dtype=torch.bfloat16):
-                pred = unet(sched.add_noise(latents, noise, t), t, context).sample
-            loss = F.mse_loss(pred.float(), noise)
+            with torch.autocast(dev, dtype=torch.bfloat16):  # as Lightning's bf16-mixed and the recipe
+                pred = call(sched.add_noise(latents, noise, t), t, context).float()
+            loss = F.mse_loss(pred[:1], noise[:1]) + settings["prior_loss_weight"] * F.mse_loss(pred[1:], noise[1:])
+            if accumulates:
+                opt.before_backward()
             loss.backward()
+            if accumulates:
+                opt.after_backward()
+            if settings["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(params, settings["max_grad_norm"])
             opt.step()
             opt.zero_grad()
-            losses[name].append(loss.item())
-        del unet, opt, params
+            losses[name].append(loss.detach())
+        losses[name] = torch.stack(losses[name]).tolist()
+        seconds[name] = time.perf_counter() - t0
+        print(f"curve {name}: {steps} steps in {seconds[name]:.1f} s", flush=True)
+        del model, opt, params, groups, call
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     out = Path(os.environ.get("OUT", "."))
-    rows = ["step," + ",".join(losses)] + [f"{k}," + ",".join(f"{losses[n][k]:.6f}" for n in losses) for k in range(steps)]
+    rows = ["step," + ",".join(losses)] + [f"{k + 1}," + ",".join(f"{losses[n][k]:.6f}" for n in losses)
+                                          for k in range(steps)]
     (out / "curve.csv").write_text("\n".join(rows) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    w = min(10, steps)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for n, v in losses.items():
-        ax.plot(range(w - 1, steps), np.convolve(v, np.ones(w) / w, "valid"), label=n)
-    ax.set(xlabel="step", ylabel=f"loss (mean of {w})", title=f"{size} UNet, random init, lr {lr}")
-    ax.legend()
+    w = min(25, steps)
+    smooth = {n: np.convolve(v, np.ones(w) / w, "valid") for n, v in losses.items()}
+    x = range(w, steps + 1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 7), dpi=100, sharex=True)
+    for i, (n, v) in enumerate(smooth.items()):
+        top.plot(x, v, label=n, color=f"C{i}")
+        if n != "recipe_A":
+            bottom.plot(x, v - smooth["recipe_A"], label=f"{n} - recipe_A", color=f"C{i}")
+    top.set(ylabel=f"loss (mean of {w} steps)", title=f"{size} UNet, random init, lr {lr:g}, same noise and timesteps")
+    bottom.set(xlabel="step", ylabel="difference to recipe_A")
+    top.legend(), bottom.legend()
+    fig.tight_layout()
     fig.savefig(out / "curve.png")
-    save("train-curve", {n: {"first10": float(np.mean(v[:10])), "last20": float(np.mean(v[-20:]))} for n, v in losses.items()})
+    save("train-curve", {"steps": steps, "lr": lr, **{n: {
+        "first25": float(np.mean(v[:25])), "last25": float(np.mean(v[-25:])), "seconds": seconds[n],
+        "mean_abs_diff_to_recipe_A_last25": float(np.mean(np.abs(np.subtract(v, losses["recipe_A"])[-25:])))}
+        for n, v in losses.items()}})
 
 
 if __name__ == "__main__":
@@ -160,10 +203,11 @@ if __name__ == "__main__":
     p.add_argument("--compile", choices=["auto", "graphs", "blocks", "unet", "false"], default="auto")
     p.add_argument("--warm", type=int, default=10, help="steps before the timed ones")
     p.add_argument("--steps", type=int, default=50, help="timed steps (curve: steps of each run)")
+    p.add_argument("--lr", type=float, help="curve: learning rate (default: train.learning_rate's default)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if a.profile == "curve":
-        curve(a.size, a.steps)
+        curve(a.size, a.steps, a.lr)
     else:
         measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps)

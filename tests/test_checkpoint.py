@@ -72,12 +72,14 @@ def fat_lightning_ckpt(sd: dict, meta: dict, path):
 # round trips
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype,suffix", [("fp32", ".safetensors"), ("fp16", ".safetensors"),
                                           ("bf16", ".safetensors"), ("fp16", ".ckpt")])
-def test_ldm_file_to_model_to_ldm_file_is_bit_exact_with_identical_keys(tiny, tmp_path, dtype, suffix):
+def test_ldm_file_to_model_to_ldm_file_is_bit_exact_with_identical_keys(tiny, tmp_path, dtype, suffix, device):
+    """On a GPU too: training loads the base model straight onto it, and writes frozen networks from there."""
     path, tokenizer, sd, meta = tiny
     source = checkpoint.write_file(sd, tmp_path / f"in{suffix}", dtype, meta)
-    out = checkpoint.save(checkpoint.load(source, tokenizer), tmp_path / f"out{suffix}", dtype)
+    out = checkpoint.save(checkpoint.load(source, tokenizer, device=device), tmp_path / f"out{suffix}", dtype)
     original, _ = checkpoint.read_state_dict(source)
     assert_same_tensors(checkpoint.read_state_dict(out)[0], original)
     assert original[checkpoint.UNET_PREFIX + "out.2.weight"].dtype == checkpoint.DTYPES[dtype]

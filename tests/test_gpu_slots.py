@@ -165,6 +165,44 @@ def test_ddp_on_two_gpus_takes_both_logs_every_rank_and_matches_one_gpu(tiny_mod
     assert test_train.distance(load_file(folder / "model.safetensors"), single) < 0.3 * moved
 
 
+@pytest.mark.gpu
+def test_ddp_on_two_gpus_resumes_after_a_kill_and_matches_one_gpu(tiny_model, tmp_path):
+    """GPU twin of the CPU test's kill and resume (tests/test_train.py, DDP on two CPU processes):
+    both ranks killed after a state save, the same command resumes and lands within the CPU test's
+    bound of one GPU at the same global batch."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from safetensors.torch import load_file
+
+    import test_train
+    from test_gpu import instance_folder
+
+    subjects = [(instance_folder(tmp_path / "instance", 64), None)]
+    # 3 steps as the CPU test: runs that differ only in rounding drift apart with more (tiny model,
+    # CPU: 0.22 of the distance moved after 3 steps, 0.72 after 10); the final grid's 300 sampling
+    # steps keep the run alive after the last state save, so the kill lands before the end
+    single = test_train.run(tiny_model, subjects, tmp_path / "single", max_steps=3, batch_size=2)
+    folder = tmp_path / "ddp"
+    cmd = test_train.train_command(tiny_model, subjects, folder, test_train.settings(
+        max_steps=3, batch_size=1, devices=2, save_state_every_n_steps=1, sample_steps=300))
+    cmd += ["--log", str(folder / "train.log")]
+    env = {**{k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "DREAMPIPE_GPU_SLOTS_HELD")},
+           "DREAMPIPE_GPU_SLOTS": str(tmp_path / "locks"), "PYTHONPATH": str(ROOT / "workflow")}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # DDP starts a second process: kill the group
+    test_train.wait_for(lambda: (folder / ".state" / "last.ckpt").exists(), proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not (folder / "model.safetensors").exists(), "killed before the end"
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    moved = test_train.distance(single, load_file(tiny_model[0]))
+    assert test_train.distance(load_file(folder / "model.safetensors"), single) < 0.3 * moved
+
+
 def test_the_lock_folder_is_the_one_the_docs_name(monkeypatch):
     from dreampipe import gpu_slots
 
