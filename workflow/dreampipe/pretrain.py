@@ -96,12 +96,8 @@ class _Batches(torch.utils.data.Dataset):
 def batches(first: int, size: int, count: int, *, workers: int, pin: bool = False):
     """`count` batches of toy pictures and what they show, in order, drawn by `workers` processes
     (0: this one); the same pictures whatever the number of workers."""
-    return loader(_Batches(first, size, count), workers=workers, pin=pin)
-
-
-def loader(data, *, workers: int, pin: bool = False):
-    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, pin_memory=pin,
-                                       prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(_Batches(first, size, count), batch_size=None, num_workers=workers,
+                                       pin_memory=pin, prefetch_factor=4 if workers else None)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
