@@ -86,10 +86,22 @@ def augment(image: Image.Image, rng: random.Random) -> Image.Image:
     return Image.fromarray(arr.numpy())
 
 
+def batch_loader(data: torch.utils.data.Dataset, *, workers: int):
+    """The items of `data` (each a whole batch) in order, made by `workers` processes (0: this
+    one). Items are numpy arrays and plain objects, passed back pickled: tensors would go through
+    shared memory, which containers often keep at 64 MB."""
+    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                       prefetch_factor=4 if workers else None)
+
+
+def _as_is(item):
+    return item
+
+
 class _ClassifierBatches(torch.utils.data.Dataset):
     """Batch i of the classifier's training data: fresh toy-world pictures (augmented) mixed half
     and half with `extra` labelled pictures, drawn by a random generator of (seed, i) alone, so
-    the same whatever the number of workers that draw them."""
+    the same whatever the number of workers that draw them. Pixels as uint8 (N, 64, 64, 3)."""
 
     def __init__(self, extra: list, seed: int, size: int, count: int):
         self.extra, self.seed, self.size, self.count = extra, seed, size, count
@@ -98,8 +110,6 @@ class _ClassifierBatches(torch.utils.data.Dataset):
         return self.count
 
     def __getitem__(self, i):
-        from .sampling import from_pil
-
         rng = random.Random(f"{self.seed}/{i}")
         batch = []
         for _ in range(self.size):
@@ -108,7 +118,7 @@ class _ClassifierBatches(torch.utils.data.Dataset):
             else:
                 im, thing, _ = toyworld.example(rng.randrange(2**31))
                 batch.append((augment(im, rng), thing))
-        return from_pil([im for im, _ in batch]), labels([t for _, t in batch])
+        return np.stack([np.asarray(im.convert("RGB")) for im, _ in batch]), [t for _, t in batch]
 
 
 def train_classifier(steps: int, extra: list[tuple[Image.Image, toyworld.Thing]] = (),
@@ -116,15 +126,17 @@ def train_classifier(steps: int, extra: list[tuple[Image.Image, toyworld.Thing]]
                      record=None) -> AttributeClassifier:
     """Fresh toy-world pictures every step (augmented), mixed with `extra` labelled pictures
     (e.g. VAE reconstructions, so the classifier knows what decoded pictures look like), drawn by
-    `workers` processes; record(step, loss) gets every loss."""
+    `workers` processes; `record` (a pretrain.Log) gets every loss."""
+    from .sampling import from_uint8
+
     torch.manual_seed(seed)
     net = AttributeClassifier().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    data = torch.utils.data.DataLoader(_ClassifierBatches(list(extra), seed, batch_size, steps), batch_size=None,
-                                       num_workers=workers, prefetch_factor=4 if workers else None)
-    for step, (x, target) in enumerate(data):
-        logits = net(x.to(device))
+    data = batch_loader(_ClassifierBatches(list(extra), seed, batch_size, steps), workers=workers)
+    for step, (pixels, things) in enumerate(data):
+        logits = net(from_uint8(pixels, device))
+        target = labels(things)
         loss = sum(F.cross_entropy(logits[k], target[k].to(device)) for k in logits)
         opt.zero_grad()
         loss.backward()

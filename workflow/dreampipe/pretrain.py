@@ -24,6 +24,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,9 +76,11 @@ def architecture(vocab_size: int, vae_channels=DEFAULTS["vae_channels"]) -> dict
     return arch
 
 
-def pictures(seeds) -> tuple[torch.Tensor, list[toyworld.Thing]]:
+def pictures(seeds) -> tuple[np.ndarray, list[toyworld.Thing]]:
+    """The toy pictures of these seeds as uint8 (N, 64, 64, 3) (sampling.from_uint8 makes them
+    network input), and what they show."""
     examples = [toyworld.example(s) for s in seeds]
-    return sampling.from_pil([im for im, _, _ in examples]), [t for _, t, _ in examples]
+    return np.stack([np.asarray(im) for im, _, _ in examples]), [t for _, t, _ in examples]
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -93,11 +96,10 @@ class _Batches(torch.utils.data.Dataset):
         return pictures(range(self.first + i * self.size, self.first + (i + 1) * self.size))
 
 
-def batches(first: int, size: int, count: int, *, workers: int, pin: bool = False):
+def batches(first: int, size: int, count: int, *, workers: int):
     """`count` batches of toy pictures and what they show, in order, drawn by `workers` processes
     (0: this one); the same pictures whatever the number of workers."""
-    return torch.utils.data.DataLoader(_Batches(first, size, count), batch_size=None, num_workers=workers,
-                                       pin_memory=pin, prefetch_factor=4 if workers else None)
+    return evaluate.batch_loader(_Batches(first, size, count), workers=workers)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -167,11 +169,10 @@ def train_vae(vae, s: dict, record: Log, device) -> int:
     with torch.no_grad():  # a nearly deterministic posterior at first: at log-variance 0 the
         vae.quant_conv.bias[vae.config.latent_channels:].fill_(-8.0)  # decoder would see only noise
     opt = torch.optim.AdamW(vae.parameters(), lr=s["vae_learning_rate"], fused=speed.on_gpu(device))
-    data = iter(batches(VAE_SEEDS, s["vae_batch_size"], s["vae_steps"], workers=s["workers"],
-                        pin=speed.on_gpu(device)))
+    data = iter(batches(VAE_SEEDS, s["vae_batch_size"], s["vae_steps"], workers=s["workers"]))
 
     def step(_):
-        x = next(data)[0].to(device, non_blocking=True)
+        x = sampling.from_uint8(next(data)[0], device)
         dist = vae.encode(x).latent_dist
         recon = vae.decode(dist.sample()).sample
         loss = F.mse_loss(recon, x) + s["kl_weight"] * dist.kl().mean()
@@ -189,13 +190,13 @@ def encode(vae, seeds, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, li
     device = next(vae.parameters()).device
     chunk = 256
     if workers:
-        parts = batches(seeds[0], chunk, math.ceil(len(seeds) / chunk), workers=workers, pin=speed.on_gpu(device))
+        parts = batches(seeds[0], chunk, math.ceil(len(seeds) / chunk), workers=workers)
     else:
         parts = (pictures(seeds[i:i + chunk]) for i in range(0, len(seeds), chunk))
     means, stds, things = [], [], []
     dtype = next(vae.parameters()).dtype
     for x, t in parts:
-        dist = vae.encode(x.to(device, dtype)).latent_dist
+        dist = vae.encode(sampling.from_uint8(x, device).to(dtype)).latent_dist
         means.append(dist.mean)
         stds.append(dist.std)
         things += t
