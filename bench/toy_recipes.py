@@ -50,8 +50,6 @@ def main():
                    "example's and ours without prior preservation)")
     p.add_argument("--base-model", help="a pretrained toy model folder (toy-sd.safetensors, tokenizer/, "
                    "attributes.safetensors); default: the example character's base model")
-    p.add_argument("--precision", help="train.precision of every recipe (32-true on a GPU repeats the "
-                   "demo's fp32 on the CPU)")
     a = p.parse_args()
     out = Path(a.out)
     _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
@@ -73,8 +71,7 @@ def main():
     rows = []
     for name, change in list(recipes(demo).items())[:a.recipes]:
         slug = "".join(ch if ch.isalnum() else "-" for ch in name)
-        settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {}),
-                    **({"precision": a.precision} if a.precision else {})}
+        settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {})}
         trained = train.run(model, tokenizer, [(out / "instance", out / "class.json")], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
