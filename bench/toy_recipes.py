@@ -1,8 +1,9 @@
-"""DreamBooth recipes on the toy world: the demo's settings, the plain diffusers recipe and a few
-variations, each trained from the committed toy base model on the example photos with the same
-class images, steps and seeds, and scored by evaluate.py. Prints a markdown table.
+"""DreamBooth recipes on the toy world: the demo's settings, the plain diffusers recipe, ours
+without prior preservation, and a few variations, each trained from the toy base model on the
+example photos with the same class images, steps and seeds, and scored by evaluate.py. Prints a
+markdown table, a row as each recipe finishes.
 
-    PYTHONPATH=workflow python bench/toy_recipes.py [--out results/bench/toy-recipes]
+    PYTHONPATH=workflow python bench/toy_recipes.py [--out results/bench/toy-recipes] [--recipes 3]
 """
 
 import argparse
@@ -28,12 +29,12 @@ def recipes(demo: dict) -> dict:
     return {
         "ours (demo config)": {},
         "diffusers recipe": DIFFUSERS,
+        "ours, prior_loss_weight 0": {"prior_loss_weight": 0.0},
         f"ours, {steps // 2} steps": {"max_steps": steps // 2},
         f"ours, {steps * 2} steps": {"max_steps": steps * 2},
         "ours, frozen text encoder": {"train_text_encoder": False},
         "ours, lr x0.3": {"learning_rate": demo["learning_rate"] * 0.3,
                           "text_encoder_learning_rate": demo["text_encoder_learning_rate"] * 0.3},
-        "ours, prior_loss_weight 0": {"prior_loss_weight": 0.0},
         "ours, prior_loss_weight 3": {"prior_loss_weight": 3.0},
     }
 
@@ -45,12 +46,17 @@ def main():
                    help="held-out seeds (evaluate.SEED_SETS): dev to choose recipes, test for the reported numbers")
     p.add_argument("--seeds", type=int, help="only the first this many seeds of the set")
     p.add_argument("--steps", type=int, help="train every recipe this many steps (default: as each says)")
-    p.add_argument("--recipes", type=int, help="only the first this many recipes")
+    p.add_argument("--recipes", type=int, help="only the first this many recipes (3: the demo's, the diffusers "
+                   "example's and ours without prior preservation)")
+    p.add_argument("--base-model", help="a pretrained toy model folder (toy-sd.safetensors, tokenizer/, "
+                   "attributes.safetensors); default: the example character's base model")
     a = p.parse_args()
     out = Path(a.out)
     _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
     c = chars["example"]
     model, tokenizer = str(ROOT / c["base_model"]), str(ROOT / c["tokenizer"])
+    if a.base_model:
+        model, tokenizer = str(Path(a.base_model) / "toy-sd.safetensors"), str(Path(a.base_model) / "tokenizer")
     classifier = Path(model).parent / evaluate.CLASSIFIER_FILE
     example_photos.write(out / "photos")
     prepare.run(out / "photos", out / "instance", 64, c["prepare"]["mode"], "white", c["instance_prompt"])
@@ -58,6 +64,10 @@ def main():
     class_images.run(model, tokenizer, out / "class", out / "class.json", ci["num_class_images"],
                      ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
     demo = config.train_settings(c)
+    keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift",
+            "recontext_background", "recontext_both"]
+    print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | " + " | ".join(keys) + " |")
+    print("|---" * (4 + len(keys)) + "|", flush=True)
     rows = []
     for name, change in list(recipes(demo).items())[:a.recipes]:
         slug = "".join(ch if ch.isalnum() else "-" for ch in name)
@@ -67,20 +77,17 @@ def main():
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
                          c["instance_prompt"], ci["class_prompt"], c["class_word"],
                          evaluate.SEED_SETS[a.seed_set][:a.seeds], 20, 5.0, out / slug / "evaluation.png")
+        if not rows:
+            print("| base model (before) | 0 | - | - | " + " | ".join(evaluate.cell(r["before"], k) for k in keys) + " |")
         rows.append((name, settings, r))
-    keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift",
-            "recontext_background", "recontext_both"]
-    print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | " + " | ".join(keys) + " |")
-    print("|---" * (4 + len(keys)) + "|")
-    base = rows[0][2]["before"]
-    print("| base model (before) | 0 | - | - | " + " | ".join(evaluate.cell(base, k) for k in keys) + " |")
-    for name, s, r in rows:
-        te = f" / {s['text_encoder_learning_rate'] or s['learning_rate']:g}" if s["train_text_encoder"] else " / frozen"
-        print(f"| {name} | {s['max_steps']} | {s['learning_rate']:g}{te} | {s['prior_loss_weight']:g} | "
-              + " | ".join(evaluate.cell(r["after"], k) for k in keys) + " |")
+        te = f" / {settings['text_encoder_learning_rate'] or settings['learning_rate']:g}" \
+            if settings["train_text_encoder"] else " / frozen"
+        print(f"| {name} | {settings['max_steps']} | {settings['learning_rate']:g}{te} | "
+              f"{settings['prior_loss_weight']:g} | " + " | ".join(evaluate.cell(r["after"], k) for k in keys) + " |",
+              flush=True)
+        (out / "summary.json").write_text(json.dumps([{"recipe": n, "settings": s, **r} for n, s, r in rows], indent=1))
     print(f"\nReference: the base model prompted \"{rows[0][2]['described_prompt']}\": subject fidelity "
           f"{evaluate.cell(rows[0][2], 'described')}")
-    (out / "summary.json").write_text(json.dumps([{"recipe": n, "settings": s, **r} for n, s, r in rows], indent=1))
 
 
 if __name__ == "__main__":

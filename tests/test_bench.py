@@ -41,6 +41,21 @@ def test_toy_recipes_bench_runs_one_short_recipe(tmp_path):
     assert "| ours (demo config) | 2 |" in out
 
 
+def test_the_gpu_pretraining_script_pretrains_and_checks_at_tiny_size_on_the_cpu(tmp_path):
+    """bench/pretrain_toy_gpu.sh up to the check; LIMIT 0 leaves no time for the recipe comparison
+    (toy_recipes.py is tested above)."""
+    tiny = ('{"vae_steps": 2, "vae_batch_size": 2, "latents": 8, "unet_steps": 2, "unet_batch_size": 2, '
+            '"classifier_steps": 2, "classifier_reconstructions": 4, "check_seeds": 2, "check_steps": 2, '
+            '"sample_seeds": 1, "cpu_threads": 0}')
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "workflow"), "OUT": str(tmp_path), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "SETTINGS": tiny, "LIMIT": "0"}
+    r = subprocess.run(["bash", "bench/pretrain_toy_gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "goal (>= 0.9 each):" in (tmp_path / "check.md").read_text()
+    assert (tmp_path / "toy-sd" / "toy-sd.safetensors").exists() and "pretrain-toy:" in r.stdout
+
+
 def test_the_e2e_base_model_is_a_single_file_checkpoint_with_its_tokenizer(tmp_path):
     from dreampipe import checkpoint
 

@@ -35,6 +35,18 @@ def test_the_caption_names_the_colours_that_are_drawn():
         assert set(caption.split()) <= set(words), "a dropped word is never replaced by another"
 
 
+def test_caption_variants_are_every_caption_a_thing_gets_with_its_probability():
+    striped = toyworld.Thing("star", "red", "striped", "blue")
+    variants = toyworld.caption_variants(striped)
+    assert len(variants) == 8 and sum(variants.values()) == pytest.approx(1)
+    assert variants["a photo of a red star on a blue background"] == pytest.approx(0.6 * 0.4 * 0.6)
+    rng = random.Random(0)
+    drawn = [striped.caption(rng) for _ in range(4000)]
+    assert all(abs(drawn.count(c) / 4000 - p) < 0.03 for c, p in variants.items())
+    plain = toyworld.caption_variants(toyworld.Thing("circle", "green", "plain", "red"))
+    assert len(plain) == 4 and sum(plain.values()) == pytest.approx(1)
+
+
 def test_the_pretraining_world_never_shows_the_subject():
     rng = random.Random(0)
     subject = (toyworld.SUBJECT.shape, toyworld.SUBJECT.colour, toyworld.SUBJECT.pattern)

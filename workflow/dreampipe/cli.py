@@ -201,9 +201,11 @@ def main(argv=None) -> int:
 
     sp = add("pretrain-toy", cmd_pretrain_toy, "pretrain the toy-world base model (models/toy-sd)")
     sp.add_argument("out", nargs="?", default="models/toy-sd")
-    sp.add_argument("--settings", default="{}", help='JSON overriding pretrain.DEFAULTS, e.g. {"unet_steps": 800}')
-    sp.add_argument("--stages", nargs="+", default=["vae", "unet", "classifier"], choices=["vae", "unet", "classifier"],
-                    help="each stage reads what the one before wrote to OUT")
+    sp.add_argument("--settings", default="{}", help='JSON overriding pretrain.DEFAULTS (and pretrain.GPU_SETTINGS '
+                    'on a GPU), e.g. {"unet_steps": 800}')
+    sp.add_argument("--stages", nargs="+", default=["vae", "unet", "classifier", "check"],
+                    choices=["vae", "unet", "classifier", "check"],
+                    help="each stage reads what the one before wrote to OUT (pretrain.STAGES)")
 
     sp = add("evaluate", cmd_evaluate, "subject fidelity, prior preservation, language drift (toy world)")
     sp.add_argument("model")

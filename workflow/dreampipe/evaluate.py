@@ -67,7 +67,7 @@ class AttributeClassifier(torch.nn.Module):
 
         self.eval()
         x = from_pil([im.convert("RGB").resize((64, 64), Image.BILINEAR) for im in images])
-        logits = self(x)
+        logits = self(x.to(next(self.parameters()).device))
         return [{name: toyworld.ATTRIBUTES[name][int(logits[name][i].argmax())] for name in logits}
                 for i in range(len(images))]
 
@@ -86,35 +86,68 @@ def augment(image: Image.Image, rng: random.Random) -> Image.Image:
     return Image.fromarray(arr.numpy())
 
 
-def train_classifier(steps: int, extra: list[tuple[Image.Image, toyworld.Thing]] = (),
-                     seed: int = 0, batch_size: int = 64, log=print) -> AttributeClassifier:
-    """Fresh toy-world pictures every step (augmented), mixed with `extra` labelled pictures
-    (e.g. VAE reconstructions, so the classifier knows what decoded pictures look like)."""
-    from .sampling import from_pil
+def batch_loader(data: torch.utils.data.Dataset, *, workers: int):
+    """The items of `data` (each a whole batch) in order, made by `workers` processes (0: this
+    one). Items are numpy arrays and plain objects, passed back pickled: tensors would go through
+    shared memory, which containers often keep at 64 MB."""
+    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                       prefetch_factor=4 if workers else None)
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    net = AttributeClassifier()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    extra = list(extra)
-    for step in range(steps):
+
+def _as_is(item):
+    return item
+
+
+class _ClassifierBatches(torch.utils.data.Dataset):
+    """Batch i of the classifier's training data: fresh toy-world pictures (augmented) mixed half
+    and half with `extra` labelled pictures, drawn by a random generator of (seed, i) alone, so
+    the same whatever the number of workers that draw them. Pixels as uint8 (N, 64, 64, 3)."""
+
+    def __init__(self, extra: list, seed: int, size: int, count: int):
+        self.extra, self.seed, self.size, self.count = extra, seed, size, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        rng = random.Random(f"{self.seed}/{i}")
         batch = []
-        for _ in range(batch_size):
-            if extra and rng.random() < 0.5:
-                batch.append(rng.choice(extra))
+        for _ in range(self.size):
+            if self.extra and rng.random() < 0.5:
+                batch.append(rng.choice(self.extra))
             else:
                 im, thing, _ = toyworld.example(rng.randrange(2**31))
                 batch.append((augment(im, rng), thing))
-        logits = net(from_pil([im for im, _ in batch]))
-        target = labels([t for _, t in batch])
-        loss = sum(F.cross_entropy(logits[k], target[k]) for k in logits)
+        return np.stack([np.asarray(im.convert("RGB")) for im, _ in batch]), [t for _, t in batch]
+
+
+def train_classifier(steps: int, extra: list[tuple[Image.Image, toyworld.Thing]] = (),
+                     seed: int = 0, batch_size: int = 64, log=print, device="cpu", workers: int = 0,
+                     record=None) -> AttributeClassifier:
+    """Fresh toy-world pictures every step (augmented), mixed with `extra` labelled pictures
+    (e.g. VAE reconstructions, so the classifier knows what decoded pictures look like), drawn by
+    `workers` processes; `record` (a pretrain.Log) gets every loss."""
+    from .sampling import from_uint8
+
+    torch.manual_seed(seed)
+    net = AttributeClassifier().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    data = batch_loader(_ClassifierBatches(list(extra), seed, batch_size, steps), workers=workers)
+    for step, (pixels, things) in enumerate(data):
+        logits = net(from_uint8(pixels, device))
+        target = labels(things)
+        loss = sum(F.cross_entropy(logits[k], target[k].to(device)) for k in logits)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"classifier step {step} loss {float(loss):.4f}")
+        if record:
+            record(step, loss.detach())
+        if step % 500 == 0 or step == steps - 1:
+            log(f"classifier step {step} loss {loss.item():.4f}")
+    if record:
+        record.flush()
     return net.eval()
 
 
@@ -122,7 +155,7 @@ def save_classifier(net: AttributeClassifier, path: Path) -> Path:
     from safetensors.torch import save_file
 
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    save_file({k: v.half().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
     return Path(path)
 
@@ -138,9 +171,29 @@ def load_classifier(path: Path) -> AttributeClassifier:
 def accuracy(net: AttributeClassifier, seeds: range) -> dict:
     """Per attribute, the share of toy-world pictures of these seeds read correctly."""
     examples = [toyworld.example(s) for s in seeds]
-    preds = net.predict([im for im, _, _ in examples])
-    return {k: sum(p[k] == getattr(t, k) for p, (_, t, _) in zip(preds, examples)) / len(examples)
-            for k in toyworld.ATTRIBUTES}
+    return agreement(net.predict([im for im, _, _ in examples]), [t for _, t, _ in examples])[0]
+
+
+def agreement(preds: list[dict], things: list[toyworld.Thing]) -> tuple[dict, dict]:
+    """Per attribute, the share of predictions that match the things, and its Wilson 95 % interval."""
+    hits = {k: sum(p[k] == getattr(t, k) for p, t in zip(preds, things)) for k in toyworld.ATTRIBUTES}
+    return ({k: h / len(things) for k, h in hits.items()},
+            {k: list(wilson(h, len(things))) for k, h in hits.items()})
+
+
+def prompt_agreement(model, net: AttributeClassifier, seeds: list[int], *, steps: int,
+                     guidance_scale: float) -> tuple[dict, list[Image.Image], list[toyworld.Thing]]:
+    """A model's samples of fully described things ("a photo of a red striped star on a blue
+    background"), the thing of seed s drawn as toyworld.example(s) would and sampled from seed s:
+    per attribute, the share the classifier reads as asked ("prompt_agreement", with "ci95"), a
+    lower bound of the model's accuracy (a miss is the model's or the classifier's)."""
+    from . import sampling
+
+    things = [toyworld.sample(random.Random(s)) for s in seeds]
+    images = sampling.generate(model, [t.caption() for t in things], seeds, resolution=64, steps=steps,
+                               guidance_scale=guidance_scale)
+    rates, ci95 = agreement(net.predict(images), things)
+    return {"prompt_agreement": rates, "ci95": ci95}, images, things
 
 
 def entropy(values: list[str], universe: tuple) -> float:

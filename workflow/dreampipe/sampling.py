@@ -91,5 +91,10 @@ def load_weights(model: StableDiffusion, path, tokenizer) -> None:
 
 
 def from_pil(images: list[Image.Image]) -> torch.Tensor:
-    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1
+    return from_uint8(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+
+
+def from_uint8(pixels: np.ndarray, device=None) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], converted on `device` (a quarter of
+    the bytes of floats to copy there)."""
+    return torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1

@@ -8,6 +8,7 @@ of evaluate.py reads the same attributes back from generated pictures.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -40,6 +41,24 @@ class Thing:
 
         text = photo_of(self.shape, self.colour, self.pattern, keep)
         return on_background(text, self.background) if keep() else text
+
+
+def caption_variants(thing: Thing) -> dict[str, float]:
+    """Every caption that thing.caption(rng) can give, with its probability: each attribute word
+    kept or dropped (DROP_WORD) on its own."""
+    variants = {}
+    for keeps in itertools.product((True, False), repeat=3):
+        calls, used = iter(keeps), []
+
+        class Fixed:  # an rng whose draws keep or drop the words as `keeps` says
+            @staticmethod
+            def random():
+                used.append(next(calls))
+                return 1.0 if used[-1] else 0.0
+
+        text = thing.caption(Fixed())
+        variants[text] = math.prod(1 - DROP_WORD if kept else DROP_WORD for kept in used)
+    return variants
 
 
 def on_background(text: str, colour: str) -> str:
