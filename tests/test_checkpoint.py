@@ -163,6 +163,17 @@ def test_export_metadata_holds_the_training_settings(tiny, tmp_path):
     assert meta["modelspec.architecture"] == "stable-diffusion-v1"
 
 
+def test_the_export_log_tells_the_size_written_and_its_seconds_apart_from_start_up(tiny, tmp_path):
+    """`export done in` counts the imports too; this line counts reading, casting and writing only."""
+    import re
+
+    path, tokenizer, _, _ = tiny
+    log = tmp_path / "export.log"
+    subprocess.run([sys.executable, "-m", "dreampipe.cli", "export", str(path), str(tmp_path / "zxq.safetensors"),
+                    "--log", str(log)], env={**os.environ, "PYTHONPATH": str(ROOT / "workflow")}, check=True)
+    assert re.search(r"export: [\d.]+ MiB written to \S+zxq.safetensors in [\d.]+ s\n", log.read_text())
+
+
 # ---------------------------------------------------------------------------------------------
 # checkpoint variants
 
