@@ -4,12 +4,16 @@ speed.prepare_sampling (bf16, channels-last, the UNet compiled as --compile says
 Run beside ../shared/bench/diffusers_recipe.py T in the same call.
 
     python bench/class_images_speed.py [--compile blocks|unet|false] [--batch 16] [--batches 3]
+                                       [--sampler ddim|dpmsolver++] [--steps 50] [--cudnn-benchmark]
 
 Reports the seconds to the end of the first batch (compile included), then img/s over the other
-batches, and how far images 0-3 are from the eager path. Results: printed, and $OUT/class-images-<compile>.json.
+batches, how far images 0-3 are from the eager path, and the milliseconds to encode one of the
+first batch's images as PNG (what the class-images job's writer threads do beside sampling).
+Results: printed, and $OUT/class-images-<compile>[-cudnn].json.
 """
 
 import argparse
+import io
 import sys
 import time
 from pathlib import Path
@@ -23,14 +27,15 @@ from common import FLOP_IMG, RESOLUTION, device, peak_gib, random_sd1, save, syn
 from dreampipe import sampling, speed  # noqa: E402
 
 
-def main(size: str, compile: str, batch: int, batches: int, steps: int):
+def main(size: str, compile: str, batch: int, batches: int, steps: int, sampler: str, cudnn_benchmark: bool):
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # cuDNN times its conv algorithms per shape, once
     dev = device()
     model = random_sd1(size=size).to(dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
     res = RESOLUTION[size]
 
     def make(seeds):
         return sampling.generate(model, ["a photo of a dog"] * len(seeds), seeds, resolution=res, steps=steps,
-                                 guidance_scale=10.0)
+                                 guidance_scale=10.0, sampler=sampler)
 
     eager = make([0, 1, 2, 3])
     speed.prepare_sampling(model, dev, scope=None if compile == "false" else compile)
@@ -45,13 +50,17 @@ def main(size: str, compile: str, batch: int, batches: int, steps: int):
         make(list(range(r * batch, (r + 1) * batch)))
     synchronize()
     sec = (time.perf_counter() - t0) / max(1, batches - 1)
+    t0 = time.perf_counter()
+    for image in first:
+        image.save(io.BytesIO(), format="PNG")
+    png_ms = (time.perf_counter() - t0) / len(first) * 1000
     n = min(4, batch)
     a = np.stack([np.asarray(im, dtype=np.float32) for im in eager[:n]])
     b = np.stack([np.asarray(im, dtype=np.float32) for im in first[:n]])
-    save(f"class-images-{compile}", {
-        "size": size, "compile": compile, "batch": batch, "steps": steps, "img_s": batch / sec,
-        "first_batch_s": first_s, "peak_gib": peak_gib(),
-        "tflops": FLOP_IMG * batch / sec / 1e12 if size == "sd1" and steps == 50 else None,
+    save(f"class-images-{compile}{'-cudnn' if cudnn_benchmark else ''}", {
+        "size": size, "compile": compile, "cudnn_benchmark": cudnn_benchmark, "batch": batch, "sampler": sampler,
+        "steps": steps, "img_s": batch / sec, "first_batch_s": first_s, "png_ms": png_ms, "peak_gib": peak_gib(),
+        "tflops": FLOP_IMG * batch / sec / 1e12 if size == "sd1" and steps == 50 and sampler == "ddim" else None,
         "vs_eager_mean_abs_diff_of_255": float(np.abs(a - b).mean())})
 
 
@@ -62,6 +71,9 @@ if __name__ == "__main__":
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--batches", type=int, default=3, help="the first one includes the compile")
     p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", choices=["ddim", "dpmsolver++"], default="ddim",
+                   help="the class images' default is dpmsolver++ at 25 steps")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms")
     a = p.parse_args()
     with torch.no_grad():
-        main(a.size, a.compile, a.batch, a.batches, a.steps)
+        main(a.size, a.compile, a.batch, a.batches, a.steps, a.sampler, a.cudnn_benchmark)

@@ -43,9 +43,11 @@ for f in results/class/*/benchmarks/*.tsv results/$NAME/benchmarks/*.tsv results
   [ -f "$f" ] && echo "  $(basename $(dirname $(dirname $f)))/$(basename $f .tsv): $(tail -1 $f | cut -f1) s, max RSS $(tail -1 $f | cut -f3) MB"
 done
 echo "  recompiles: $(cat results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | grep -c Recompiling)"
-grep -h "done in\|loaded\|cached\|step 25/\|step $STEPS/\|written\|state of step" results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | cut -c1-200 | tail -12
-# where the class-images and sample jobs' seconds go (load, sampling, PNG writes, contact sheet)
-grep -h "class images: model loaded\|contact sheet of\|sample: " results/class/*/logs/*.log results/$NAME/logs/sample.log 2>/dev/null | cut -c1-260
+grep -h "using GPU\|done in\|loaded\|cached\|step 25/\|step $STEPS/\|written\|state of step" results/$NAME/logs/*.log results/class/*/logs/*.log 2>/dev/null | cut -c1-200 | tail -14
+echo "  train log:"; grep -v "it/s\]" results/$NAME/logs/train.log | head -6 | cut -c1-160
+# where the class-images, sample and export jobs' seconds go (load, sampling, PNG writes, contact sheet, file IO)
+grep -h "class images: model loaded\|contact sheet of\|sample: \|export: " results/class/*/logs/*.log \
+  results/$NAME/logs/sample.log results/$NAME/logs/export-*.log 2>/dev/null | cut -c1-260
 ls -la results/$NAME/*.safetensors
 cp results/$NAME/samples/final.png "$OUT/final-$NAME.png" 2>/dev/null
 tar czf "$OUT/logs-$NAME.tgz" results/$NAME/logs results/$NAME/benchmarks results/$NAME/train/loss.csv results/class/*/logs 2>/dev/null

@@ -65,3 +65,13 @@ def test_on_a_gpu_the_networks_keep_device_dtype_and_layout_and_take_the_weights
             assert a.device.type == "cuda" and a.dtype == b.dtype and torch.equal(a, b), name
     conv = model.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_sample_job_draws_the_trained_model_so_it_does_not_wait_for_the_export(workflow):
+    """The final grid is drawn from training's output (sampled in the same bf16 either way), so on a
+    GPU machine the sample job runs beside the CPU-bound export instead of after it."""
+    workflow.character("alice")
+    dry = workflow.snakemake("-n", "results/alice/samples/final.png")
+    jobs = {line.split()[1].rstrip(":") for line in (dry.stdout + dry.stderr).splitlines()
+            if line.startswith(("rule ", "localrule "))}
+    assert {"train", "sample"} <= jobs and "export" not in jobs

@@ -470,28 +470,10 @@ def _write_safetensors(weights: dict, dtypes: dict, path: Path, metadata: dict, 
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with open(path, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
-        cast = _ahead(lambda k: _on_cpu(weights[k], dtypes[k]), weights)
-        for k, tensor in zip(weights, cast):
-            f.write(tensor.reshape(-1).view(torch.uint8).numpy())
+        for k, v in weights.items():
+            f.write(_on_cpu(v, dtypes[k]).reshape(-1).view(torch.uint8).numpy())
             if release_source:
-                _release_pages(weights[k])
-
-
-def _ahead(fn, items, depth: int = 2):
-    """fn(item) for each item, computed by a thread up to `depth` items before it is asked for: the
-    reading and casting of the next tensors (torch releases the GIL) overlaps the writing of this
-    one, which halves an export's time, and memory holds only a few cast tensors."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        queued = deque()
-        for item in items:
-            queued.append(pool.submit(fn, item))
-            if len(queued) > depth:
-                yield queued.popleft().result()
-        while queued:
-            yield queued.popleft().result()
+                _release_pages(v)
 
 
 _MADV_PAGEOUT = 21  # Linux's value; Python's mmap module names it only when built on Linux >= 5.4

@@ -25,8 +25,8 @@ KEYWORDS = ("generate", "instance", "none")
 # Compiling the UNet's blocks (27 s with cold caches on an H200) pays for itself from about this
 # many images x sampling steps (250 images at 50 steps; docs/benchmarks.md); below, the GPU samples eagerly.
 COMPILE_FROM_IMAGE_STEPS = 12500
-# A 512 px PNG takes about 40 ms to encode, a batch of 16 about 3 s to sample on an H200: two
-# threads keep up with room to spare.
+# A 512 px PNG takes 30-120 ms to encode (Pillow's default level, 2-core VM), a batch of 16 about
+# 3 s to sample on an H200: two threads keep up with room to spare.
 WRITERS = 2
 
 

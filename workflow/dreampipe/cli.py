@@ -134,7 +134,7 @@ def take_gpus(a) -> list[int] | None:
 def cmd_export(a):
     from . import export
 
-    export.run(Path(a.trained), Path(a.out), a.dtype, a.tokenizer, json.loads(a.settings))
+    export.run(Path(a.trained), Path(a.out), a.dtype, a.tokenizer, json.loads(a.settings), log=log.info)
 
 
 def cmd_prune(a):

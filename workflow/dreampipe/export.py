@@ -5,12 +5,24 @@ An output path without .safetensors/.ckpt suffix gets a diffusers folder instead
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from . import checkpoint
+from .files import human_size
 
 
-def run(trained: Path, out: Path, dtype: str = "fp16", tokenizer=None, settings: dict | None = None) -> Path:
+def run(trained: Path, out: Path, dtype: str = "fp16", tokenizer=None, settings: dict | None = None, *,
+        log=print) -> Path:
+    start = time.perf_counter()
+    written = _write(trained, out, dtype, tokenizer, settings)
+    size = sum(f.stat().st_size for f in ([written] if written.is_file() else written.rglob("*")) if f.is_file())
+    # the job's "done in" counts the imports too: this is the reading, casting and writing alone
+    log(f"export: {human_size(size)} written to {written} in {time.perf_counter() - start:.1f} s")
+    return written
+
+
+def _write(trained: Path, out: Path, dtype: str, tokenizer, settings: dict | None) -> Path:
     if Path(out).suffix not in checkpoint.FILE_SUFFIXES:
         return checkpoint.save_diffusers(checkpoint.load(trained, tokenizer=tokenizer), out, dtype=dtype)
     meta = {"dreampipe.settings": json.dumps(settings or {}, sort_keys=True),

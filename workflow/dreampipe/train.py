@@ -637,6 +637,8 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     """Train on `subjects`, each (prepared instance folder, class manifest or None). `base_options`
     are how checkpoint.load reads the base model (use_ema, fallback)."""
     base_options = base_options or {}
+    if settings["text_encoder_learning_rate"] == 0:  # a text encoder that cannot move is frozen, and exported as loaded
+        settings = {**settings, "train_text_encoder": False}
     state_dir, workdir, out = Path(state_dir), Path(workdir), Path(out)
     for name in ("pytorch_lightning", "lightning_fabric"):  # they reset their levels on import
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -688,7 +690,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     # after text_encoder_steps the text encoder gets no gradients, which DDP must be told
     te_stops = settings["train_text_encoder"] and settings["text_encoder_steps"] is not None
     strategy = (("ddp_find_unused_parameters_true" if te_stops else "ddp") if world > 1
-                else StayOnDevice(torch.device("cuda")) if one_gpu else "auto")
+                else StayOnDevice(torch.device("cuda", 0)) if one_gpu else "auto")
     trainer = pl.Trainer(
         max_steps=settings["max_steps"], accelerator="auto", devices=settings["devices"], strategy=strategy,
         precision=precision(settings["precision"]),

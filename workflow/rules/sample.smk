@@ -1,6 +1,8 @@
+# The grid draws training's output, not the exported file (the GPU samples both in the same
+# bf16), so it runs beside the CPU-bound export instead of after it.
 rule sample:
     input:
-        model=exported,
+        model=f"{R}/{{character}}/train/model.safetensors",
         base=base_model_files,
         fallback=base_fallback,
     output:
