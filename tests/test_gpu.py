@@ -189,13 +189,14 @@ def test_frozen_networks_of_an_export_are_the_base_bit_for_bit(tiny_model, tmp_p
 
 @gpu
 def test_the_ema_model_is_written_from_its_fp32_average(tiny_model, tmp_path):
-    """The EMA is an fp32 average of bf16 weights: the trained file carries it unrounded (most of
-    its values lie between bf16 numbers), not cast through the training dtype."""
+    """The EMA is an fp32 average of bf16 weights: the trained file carries it unrounded (about
+    half of its values lie between bf16 numbers: the weights that moved), not cast through the
+    training dtype (which would leave none there)."""
     trained = run_tiny(tiny_model, tmp_path, max_steps=6, ema=True, ema_decay=0.9)
     unet = torch.cat([v.flatten() for k, v in test_train.part(trained, UNET).items() if v.is_floating_point()])
     off_bf16 = float((unet.to(torch.bfloat16).float() != unet).float().mean())
     report("ema_export", share_of_unet_values_between_bf16_numbers=off_bf16)
-    assert off_bf16 > 0.5
+    assert off_bf16 > 0.2  # 0.499 on an H200 (2026-11-30)
 
 
 @gpu

@@ -174,6 +174,8 @@ def load(path, tokenizer=None, use_ema: bool = False, fallback=None, device=None
         if not _has(sd, prefix):
             raise DreampipeError(f"{path}: the checkpoint has no {what} weights ({prefix}*); set "
                                  "base_model_fallback to a full SD 1.x checkpoint to take them from")
+    if device is not None:  # the file's bytes go to the device as they are: casting there is fast, on the CPU not
+        sd = {k: v.to(device, non_blocking=True) for k, v in sd.items()}
     return from_ldm(sd, arch, load_tokenizer(tokenizer, path), source=path).to(device, dtype)
 
 
