@@ -27,6 +27,8 @@
 # On a CPU (SIZE=tiny DREAMPIPE_GPUS=2: two fake GPU slots, DDP over CPU processes) it checks itself.
 set -u
 START=$(date +%s)
+# the compile caches bench/e2e_gpu.sh keeps (warm when it ran on this machine)
+export TRITON_CACHE_DIR=/tmp/e2e-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/e2e-cache/inductor
 OUT=${OUT:-/tmp/multi-out}; mkdir -p "$OUT"
 STEPS=${STEPS:-150}; NCLASS=${NCLASS:-16}; UNTIL=${UNTIL-export}; SIZE=${SIZE:-sd1}
 WORK=${WORK:-/tmp/multi}; BASE=${BASE:-/tmp/base}; [ "$SIZE" = tiny ] && BASE=$WORK/base
@@ -91,7 +93,7 @@ keep() {  # NAME: alice's trained model, kept for the comparison at the end
 
 rm -f config/characters/*.yaml
 character alice 1 "${WARM_STEPS:-30}"
-if [ "${WARM_STEPS:-30}" -gt 0 ] && [ ! -d /tmp/torchinductor_root ]; then run warmup 1 train; else run warmup 1 class_images; fi
+if [ "${WARM_STEPS:-30}" -gt 0 ] && [ ! -d /tmp/e2e-cache/triton ]; then run warmup 1 train; else run warmup 1 class_images; fi
 
 rm -f config/characters/*.yaml
 character alice 1 "$STEPS"; character bob 1 "$STEPS"

@@ -153,6 +153,7 @@ def test_adamwbf16_follows_fp32_adamw_within_the_stochastic_rounding_bound(devic
     ("test_a_frozen_parameter_is_not_updated_as_in_torch_adamw", {"fused_backward": True}),
     ("test_accumulated_gradients_are_summed_in_fp32", {}),
     ("test_triton_kernel_makes_the_torch_update", {}),
+    ("test_any_seed_of_the_schema_works_as_its_int32_value", {}),
 ])
 def test_adamwbf16_cpu_test_holds_on_the_gpu(name, kwargs):
     getattr(test_speed, name)(device="cuda", **kwargs)

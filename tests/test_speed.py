@@ -152,6 +152,16 @@ def test_accumulated_gradients_are_summed_in_fp32(device="cpu"):
     assert torch.all(micro_batches(opt, p, [0.5] * 8) == 4.0)  # a new window starts from zero
 
 
+def test_any_seed_of_the_schema_works_as_its_int32_value(device="cpu"):
+    """Seeds go up to 2**32 - 1; the random bits are int32 arithmetic, so such a seed acts as its
+    int32 value (2**32 - 1 as -1)."""
+    results = []
+    for seed in (2**32 - 1, -1):
+        net = tiny_net(device=device)
+        results.append(train(net, speed.AdamWBF16(net.parameters(), lr=1e-2, seed=seed), 3))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def check_kernel_against_torch(device: str) -> None:
     """adamw_kernel.adamw_sr_ against speed.adamw_sr_ on a slice that does not fill the kernel's
     last block, with a large offset and weight decay. Same formula, same random bits: the bf16
@@ -164,7 +174,7 @@ def check_kernel_against_torch(device: str) -> None:
     p, m = torch.randn(n, generator=g), torch.randn(n, generator=g) * 1e-3
     v, grad = torch.rand(n, generator=g) * 1e-6, torch.randn(n, generator=g) * 1e-3
     p, m, v, grad = (t.to(device, torch.bfloat16) for t in (p, m, v, grad))
-    args = (torch.tensor(3e-2, device=device), torch.tensor(7.0, device=device), 11,
+    args = (torch.tensor(3e-2, device=device), torch.tensor(7.0, device=device), -5,  # seeds are int32
             torch.tensor(2**30, dtype=torch.int32, device=device), 0.9, 0.999, 1e-8, 1e-2)
     ours = [t.clone() for t in (p, grad, m, v)]
     adamw_kernel.adamw_sr_(*ours, *args)

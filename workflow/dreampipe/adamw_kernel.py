@@ -57,6 +57,6 @@ def adamw_sr_(p, g, m, v, lr, step, seed: int, offset, beta1: float, beta2: floa
     """speed.adamw_sr_ (same arguments) on CUDA tensors: p, m, v flat bf16, g flat."""
     n = p.numel()
     _adamw_sr[(triton.cdiv(n, BLOCK),)](
-        p, g, m, v, lr, step, offset, n, seed & 0x7FFFFFFF, beta1, beta2, math.log2(beta1),
+        p, g, m, v, lr, step, offset, n, seed, beta1, beta2, math.log2(beta1),
         math.log2(beta2), eps, weight_decay, BLOCK=BLOCK, num_warps=8)
 

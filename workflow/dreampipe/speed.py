@@ -209,28 +209,20 @@ def adamw_sr_(p, g, m, v, lr, step, seed: int, offset, beta1: float, beta2: floa
     m.copy_(m32)
 
 
-def _gpu_update():
+def _gpu_update(device, seed: int):
     """adamw_sr_ as one Triton kernel (adamw_kernel: compiled in about a second, where
-    torch.compile takes about 20 s with cold caches), eager if Triton fails on this GPU."""
+    torch.compile takes about 20 s with cold caches), tried once on a few weights; eager where
+    Triton is missing or fails on this GPU."""
     try:
         from .adamw_kernel import adamw_sr_ as kernel
-    except ImportError as e:
-        warnings.warn(f"Triton is not available ({e}): AdamW runs eagerly")
+
+        x = torch.zeros(16, dtype=torch.bfloat16, device=device)
+        one, offset = torch.ones((), device=device), torch.zeros((), dtype=torch.int32, device=device)
+        kernel(x, x.clone(), x.clone(), x.clone(), one, one, seed, offset, 0.9, 0.999, 1e-8, 0.0)  # the run's variant
+        return kernel
+    except Exception as e:  # ImportError, or a compiler or driver error (a GPU Triton does not support)
+        warnings.warn(f"the Triton AdamW kernel is not available ({str(e).splitlines()[0]}): AdamW runs eagerly")
         return adamw_sr_
-    update = kernel
-
-    def call(*args):
-        nonlocal update
-        try:
-            return update(*args)
-        except Exception as e:  # a compiler or driver error (e.g. a GPU Triton does not support)
-            if update is adamw_sr_:
-                raise
-            warnings.warn(f"the Triton AdamW kernel failed, running it eagerly: {str(e).splitlines()[0]}")
-            update = adamw_sr_
-            return update(*args)
-
-    return call
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -271,11 +263,12 @@ class AdamWBF16(torch.optim.Optimizer):
         if fused_backward and accumulation_steps > 1:
             raise ValueError("AdamWBF16: fused_backward cannot accumulate gradients")
         device = self.param_groups[0]["params"][0].device
-        self.seed, self.fused_backward, self.accumulation_steps = seed, fused_backward, accumulation_steps
+        self.fused_backward, self.accumulation_steps = fused_backward, accumulation_steps
+        self.seed = (seed + 2**31) % 2**32 - 2**31  # as int32 (the schema allows up to 2**32 - 1)
         self._micro = 0  # backward passes since zero_grad
         self._step = torch.zeros((), device=device)
         self._lrs = [torch.zeros((), device=device) for _ in self.param_groups]
-        self._update = _gpu_update() if on_gpu(device) else adamw_sr_
+        self._update = _gpu_update(device, self.seed) if on_gpu(device) else adamw_sr_
         self._flat, self._offset, self._grads, self._slots = [], {}, [], []
         keys = ("exp_avg", "exp_avg_sq") if fused_backward else ("param", "grad", "exp_avg", "exp_avg_sq")
         offset = 0

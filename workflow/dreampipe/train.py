@@ -9,6 +9,7 @@ draws of an item do not depend on the batch it lands in.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -637,6 +638,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     """Train on `subjects`, each (prepared instance folder, class manifest or None). `base_options`
     are how checkpoint.load reads the base model (use_ema, fallback)."""
     base_options = base_options or {}
+    gc.collect()  # an earlier run in this process (tests, benchmarks) leaves its networks on the GPU until collected
     if settings["text_encoder_learning_rate"] == 0:  # a text encoder that cannot move is frozen, and exported as loaded
         settings = {**settings, "train_text_encoder": False}
     state_dir, workdir, out = Path(state_dir), Path(workdir), Path(out)
