@@ -10,11 +10,11 @@
 # samples.png, check.png, pretrain.log), check.md, recipes.md and recipes/<recipe>/evaluation.*,
 # device.txt, timings.txt.
 # Env: SETTINGS (JSON over pretrain-toy's settings), RECIPE_ARGS (more bench/toy_recipes.py
-# arguments), LIMIT (seconds for the whole script, 440: the comparison is cut off there).
+# arguments), LIMIT (seconds for the whole script, 480: the comparison is cut off there).
 set -u
 OUT=${OUT:-/tmp/pretrain-toy-out}
 mkdir -p "$OUT/toy-sd"
-LIMIT=${LIMIT:-440}
+LIMIT=${LIMIT:-480}
 SETTINGS=${SETTINGS:-'{}'}
 rm -rf /tmp/toy-recipes
 START=$(date +%s)
