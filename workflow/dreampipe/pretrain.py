@@ -54,11 +54,12 @@ DEFAULTS = {"vae_steps": 1000, "vae_seconds": None, "vae_warmup_steps": 300, "va
             "unet_batch_size": 64, "unet_learning_rate": 1e-3, "caption_dropout": 0.1, "min_snr_gamma": 5.0,
             "seed": 0, "cpu_threads": 1, "workers": 0, "log_every": 1,
             "sample_seeds": 4, "check_seeds": 64, "check_steps": 20}
-# On a GPU (the committed model, bench/pretrain_toy_gpu.sh): 8x the pictures, a wider VAE, 4x the
-# batch, as many steps as fit in about 5 minutes in all.
+# On a GPU (bench/pretrain_toy_gpu.sh): 8x the pictures, a wider VAE, 4x the batch, as many steps
+# as fit in about 5 minutes of training. The run of 2026-11-30 (docs/quality.md) had 150 s of UNet
+# and 9078 steps, short of the pattern goal: the UNet now gets 240 s.
 GPU_SETTINGS = {"vae_steps": 100000, "vae_seconds": 50, "vae_batch_size": 64, "vae_channels": [16, 32, 64, 64],
                 "classifier_reconstructions": 4096, "latents": 131072, "unet_steps": 500000,
-                "unet_seconds": 150, "unet_warmup_steps": 1000, "unet_batch_size": 256,
+                "unet_seconds": 240, "unet_warmup_steps": 1000, "unet_batch_size": 256,
                 "cpu_threads": 0, "workers": 12, "log_every": 10}
 
 
