@@ -44,10 +44,14 @@ def test_pretrain_json_records_device_steps_and_the_check_with_intervals(pretrai
 
 def test_a_time_budget_stops_training_early_and_records_the_steps_to_repeat_it(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain, "CALIBRATION", (1, 2))
-    pretrain.run(tmp_path, {**TINY, "vae_steps": 500, "vae_seconds": 0.01}, stages=["vae"])
+    pretrain.run(tmp_path, {**TINY, "vae_steps": 500, "vae_seconds": 0.01}, stages=["vae", "unet"])
     done = json.loads((tmp_path / "pretrain.json").read_text())["vae"]
     assert 2 <= done["steps"] < 500
     assert done["settings"]["vae_steps"] == done["steps"] and done["settings"]["vae_seconds"] is None
+    # the model file's settings repeat the run too
+    _, meta = checkpoint.read_state_dict(tmp_path / pretrain.MODEL_FILE)
+    written = json.loads(meta["dreampipe.pretrain"])
+    assert written["vae_steps"] == done["steps"] and written["vae_seconds"] is None
 
 
 def test_batches_are_the_same_whatever_the_number_of_workers():

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import platform
-import random
 import time
 from pathlib import Path
 
@@ -150,7 +149,7 @@ class Log:
 
     def __call__(self, step: int, loss):
         self.pending.append((step, loss))
-        if len(self.pending) >= max(100, self.every):
+        if len(self.pending) >= self.every * -(-100 // self.every):  # whole rows of `every` steps
             self.flush()
 
     def flush(self):
@@ -295,7 +294,7 @@ def run(out_dir: Path, settings: dict | None = None, stages=STAGES) -> Path:
         done = {"vae": pretrain_vae, "unet": pretrain_unet, "classifier": pretrain_classifier,
                 "check": pretrain_check}[stage](out_dir, s, device)
         # a time budget's steps, recorded as plain steps: these settings repeat the run
-        ran = {**s, **({f"{stage}_steps": done["steps"], f"{stage}_seconds": None} if "steps" in done else {})}
+        ran = {**s, **({f"{stage}_steps": done["steps"], f"{stage}_seconds": None} if f"{stage}_seconds" in s else {})}
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         summary[stage] = {**done, "seconds": round(time.time() - started), "torch": torch.__version__,
                           "device": torch.cuda.get_device_name(device) if speed.on_gpu(device)
@@ -379,7 +378,10 @@ def pretrain_unet(out_dir: Path, s: dict, device) -> dict:
                                Log(out_dir / "pretrain-loss.csv", "unet", s["log_every"]), device)
     model.unet.eval()
     model.text_encoder.eval()
-    save(model, out_dir, {**s, "unet_steps": steps, "unet_seconds": None})
+    summary = out_dir / "pretrain.json"  # the VAE stage's steps, where a time budget chose them
+    vae = json.loads(summary.read_text()).get("vae", {}).get("settings", {}) if summary.exists() else {}
+    save(model, out_dir, {**s, **{k: vae[k] for k in ("vae_steps", "vae_seconds") if k in vae},
+                          "unet_steps": steps, "unet_seconds": None})
     seeds = list(range(s["sample_seeds"]))
     images = sampling.generate(model, [p for p in SAMPLE_PROMPTS for _ in seeds], seeds * len(SAMPLE_PROMPTS),
                                resolution=64, steps=20, guidance_scale=5.0)
