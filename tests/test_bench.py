@@ -37,6 +37,13 @@ def test_bench_entry_point_runs_at_tiny_size(tmp_path, args, printed):
     assert printed in bench(tmp_path, *args)
 
 
+def test_startup_bench_times_imports_and_loads_of_a_base_model(tmp_path):
+    bench(tmp_path, "bench/sd1_base.py", str(tmp_path / "base"), "--size", "tiny")
+    out = bench(tmp_path, "bench/startup.py", str(tmp_path / "base" / "sd1-random.safetensors"),
+                str(tmp_path / "base" / "tokenizer"))
+    assert '"checkpoint.load": ' in out and '"import pytorch_lightning": ' in out
+
+
 def test_toy_recipes_bench_runs_one_short_recipe(tmp_path):
     out = bench(tmp_path, "bench/toy_recipes.py", "--out", str(tmp_path / "recipes"), "--seeds", "1",
                 "--steps", "2", "--recipes", "1")
