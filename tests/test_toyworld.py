@@ -102,22 +102,23 @@ def test_scores_count_the_subject_only_when_shape_colour_and_pattern_all_match()
     assert s["language_drift"] == 0.5
 
 
-def test_the_demo_learns_the_subject_and_prior_preservation_keeps_new_contexts(tmp_path, example_photos):
+def test_the_demo_learns_the_subject_and_prior_preservation_keeps_the_class_prompt(tmp_path, example_photos):
     """The demo's settings (config/config.yaml) on the committed model, evaluated on the 32 dev
     seeds (evaluate.SEED_SETS: held out from the class images; the test seeds are for reported
     numbers, docs/quality.md).
 
-    Measured on the dev seeds (2026-11-30, 2 threads): the base model draws the purple dotted star
-    for "a photo of zxq star" in 0 of 32 seeds and, told "a photo of a purple dotted star" in
-    words, in 0.16; the demo finetune reaches 0.22 [0.11, 0.39], purple in 0.50 (base 0.00), the
-    subject on a new background in 0.28, no language drift. Asserted, with room for float
-    differences across CPUs: fidelity at least 0.15 and above the base model's; purple, the
-    attribute the base model never gives the class, in at least 0.35 of the subject samples; the
-    subject also on other backgrounds, which are drawn as asked; class samples still stars in
-    several colours (8 colours drawn equally often give entropy 1, one colour 0); and the class
-    prompt does not turn into the subject (language drift). The same with prior_loss_weight 0
-    draws the background asked for in only 0.72 of the dev seeds: asserted, a
-    margin of at least 0.1 below the demo.
+    Measured on the dev seeds (2026-11-30, 2 threads, the GPU-pretrained model at the demo's lr
+    9e-5 / 3e-4): the base model draws the purple dotted star for "a photo of zxq star" in 0.03 of
+    32 seeds and, told "a photo of a purple dotted star" in words, in 0.56; the demo finetune
+    reaches 0.41, purple in 0.81, the subject on a new background in 0.62 (background as asked
+    1.00), class colour entropy 0.84, language drift 0.12. Asserted, with room for float
+    differences across CPUs (one seed is 0.03): fidelity at least 0.3 and above the base model's;
+    purple in at least 0.6 of the subject samples; the subject also on other backgrounds, which
+    are drawn as asked; class samples still stars in several colours (8 colours drawn equally
+    often give entropy 1, one colour 0); and the class prompt turns into the subject in at most
+    0.2 of the seeds. The same with prior_loss_weight 0 (dev: fidelity 0.44, background 1.00)
+    turns the class prompt into the subject (language drift 0.41) and loses its colours (entropy
+    0.36): asserted, drift at least 0.15 above the demo's and entropy at least 0.2 below.
     """
     _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
     c = chars["example"]
@@ -141,13 +142,14 @@ def test_the_demo_learns_the_subject_and_prior_preservation_keeps_new_contexts(t
     assert r["subject"] == {"shape": "star", "colour": "purple", "pattern": "dotted"}
     assert json.loads((tmp_path / "demo" / "evaluation.json").read_text()) == r
     before, after = r["before"], r["after"]
-    assert after["subject_fidelity"] >= 0.15, r
+    assert after["subject_fidelity"] >= 0.3, r
     assert after["subject_fidelity"] > before["subject_fidelity"], r
-    assert after["subject_attributes"]["colour"] >= 0.35, r
-    assert after["recontext_both"] >= 0.15 and after["recontext_background"] >= 0.8, r
+    assert after["subject_attributes"]["colour"] >= 0.6, r
+    assert after["recontext_both"] >= 0.3 and after["recontext_background"] >= 0.8, r
     assert after["class_shape_rate"] >= 0.5, r
-    assert after["class_colour_entropy"] >= 0.5, r
-    assert after["language_drift"] <= max(0.1, before["language_drift"]), r
-    # Prior preservation matters: without it the model overfits the white-background photos and
-    # ignores "on a green background" (dev: 0.72 against the demo's 0.97; test: 0.66 against 1.00).
-    assert no_prior["recontext_background"] <= after["recontext_background"] - 0.1, (no_prior, after)
+    assert after["class_colour_entropy"] >= 0.6, r
+    assert after["language_drift"] <= max(0.2, before["language_drift"]), r
+    # Prior preservation matters: without it the class prompt turns into the subject and loses
+    # its colours (dev: drift 0.41 against 0.12, colour entropy 0.36 against 0.84).
+    assert no_prior["language_drift"] >= after["language_drift"] + 0.15, (no_prior, after)
+    assert no_prior["class_colour_entropy"] <= after["class_colour_entropy"] - 0.2, (no_prior, after)
