@@ -20,6 +20,18 @@ def save_atomic(image: Image.Image, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically like save_atomic, then closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beside(path)
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,
          cell: int = 128, row_titles: list[str] | None = None) -> Image.Image:
     """Images on a white sheet, `columns` wide, each with its label underneath, and each row with

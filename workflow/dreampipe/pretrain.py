@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, evaluate, sampling, speed, tiny, toyworld
 from .files import write_json
-from .images import grid, save_atomic
+from .images import grid, save_atomic, save_figure
 
 log = logging.getLogger("dreampipe.pretrain")
 MODEL_FILE = "toy-sd.safetensors"
@@ -324,10 +324,7 @@ def plot_loss(csv: Path, png: Path) -> None:
         ax.plot(steps, losses, lw=0.8)
         ax.set(xlabel="step", ylabel="loss", title=stage, yscale="log" if min(losses) > 0 else "linear")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(png)
+    save_figure(fig, png)
 
 
 def build(out_dir: Path, s: dict) -> checkpoint.StableDiffusion:

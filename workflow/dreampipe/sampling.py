@@ -85,8 +85,7 @@ def load_weights(model: StableDiffusion, path, tokenizer) -> None:
     their device, dtype and memory format: nothing is built or moved but the weights themselves."""
     from . import checkpoint
 
-    # the file's tensors go to the device as they are and are cast there: a blocking copy to the
-    # GPU that also changes the dtype would cast on the CPU first
+    # in the file's dtypes: load_state_dict casts into the networks' own, on their device
     other = checkpoint.load(path, tokenizer=tokenizer, device=next(model.unet.parameters()).device, dtype=None)
     for mine, theirs in ((model.unet, other.unet), (model.vae, other.vae), (model.text_encoder, other.text_encoder)):
         mine.load_state_dict(theirs.state_dict())

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import checkpoint, config, sampling, speed, state_folder
 from .errors import DreampipeError
-from .images import grid, save_atomic, stack
+from .images import grid, save_atomic, save_figure, stack
 
 log = logging.getLogger("dreampipe.train")
 STATE_FILE = "last.ckpt"
@@ -761,7 +761,4 @@ def plot_loss(csv: Path, png: Path, ema: list[float] | None = None) -> None:
         axes[0][1].set(xlabel="step", ylabel="share of the model", ylim=(0, None),
                        title=f"EMA: share of each step (mean age {age:.0f} steps)")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
