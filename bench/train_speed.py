@@ -4,6 +4,7 @@ Run beside ../shared/bench/diffusers_recipe.py A L in the same call.
 
     python bench/train_speed.py default [--compile blocks|unet|false]  # the default profile, through train.DreamBooth + Lightning
     python bench/train_speed.py low_memory                          # train.low_memory: true
+    python bench/train_speed.py low_memory --profile                # and where the timed steps' time goes (torch.profiler)
     python bench/train_speed.py curve --steps 300                   # loss of the diffusers recipe vs our default profile, same seed and data (~2.5 min on an H200)
 
 Results: printed, and $OUT/train-<name>.json (curve: $OUT/curve.csv, $OUT/curve.png).
@@ -53,8 +54,9 @@ class Timer(pl.Callback):
     """Seconds from the start of training to the end of its first step (load of the caches,
     compile), and per step over steps [warm, warm + n); peak memory before and during those."""
 
-    def __init__(self, warm, n):
+    def __init__(self, warm, n, profile=False):
         self.warm, self.n, self.warm_peak = warm, n, 0.0
+        self.profiler = torch.profiler.profile() if profile else None
 
     def on_train_start(self, trainer, module):
         self.start = time.perf_counter()
@@ -69,13 +71,20 @@ class Timer(pl.Callback):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             self.t0 = time.perf_counter()
+            if self.profiler:
+                self.profiler.start()
         if batch_idx == self.warm + self.n - 1:
             synchronize()
             self.seconds = (time.perf_counter() - self.t0) / self.n
             self.step_peak = peak_gib()
+            if self.profiler:
+                self.profiler.stop()
+                ops = self.profiler.key_averages()
+                for key in ("self_device_time_total", "self_cpu_time_total"):
+                    print(ops.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
 
 
-def measure(profile: str, size: str, compile: str, warm: int, n: int):
+def measure(profile: str, size: str, compile: str, warm: int, n: int, trace: bool = False):
     settings = {**train_defaults(), "resolution": RESOLUTION[size], "max_steps": warm + n,
                 "sample_every_n_steps": 0, "save_state_every_n_steps": 0, "save_state_every_n_minutes": 0,
                 "low_memory": profile == "low_memory", "compile": compile}
@@ -85,7 +94,7 @@ def measure(profile: str, size: str, compile: str, warm: int, n: int):
     model = random_sd1(size=size)
     data = train.DreamBoothData([(instance_dir, class_manifest)], settings)
     module = train.DreamBooth(model, settings)
-    timer = Timer(warm, n)
+    timer = Timer(warm, n, trace)
     trainer = pl.Trainer(max_steps=settings["max_steps"], accelerator="auto", devices=1,
                          precision=train.precision(settings["precision"]),
                          gradient_clip_val=settings["max_grad_norm"] or None,
@@ -203,6 +212,7 @@ if __name__ == "__main__":
     p.add_argument("--compile", choices=["auto", "graphs", "blocks", "unet", "false"], default="auto")
     p.add_argument("--warm", type=int, default=10, help="steps before the timed ones")
     p.add_argument("--steps", type=int, default=50, help="timed steps (curve: steps of each run)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's tables of the timed steps")
     p.add_argument("--lr", type=float, help="curve: learning rate (default: train.learning_rate's default)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -210,4 +220,4 @@ if __name__ == "__main__":
     if a.profile == "curve":
         curve(a.size, a.steps, a.lr)
     else:
-        measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps)
+        measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps, a.profile)
