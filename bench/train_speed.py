@@ -212,7 +212,7 @@ if __name__ == "__main__":
     p.add_argument("--compile", choices=["auto", "graphs", "blocks", "unet", "false"], default="auto")
     p.add_argument("--warm", type=int, default=10, help="steps before the timed ones")
     p.add_argument("--steps", type=int, default=50, help="timed steps (curve: steps of each run)")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler's tables of the timed steps")
+    p.add_argument("--profile", action="store_true", dest="trace", help="print torch.profiler's tables of the timed steps")
     p.add_argument("--lr", type=float, help="curve: learning rate (default: train.learning_rate's default)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -220,4 +220,4 @@ if __name__ == "__main__":
     if a.profile == "curve":
         curve(a.size, a.steps, a.lr)
     else:
-        measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps, a.profile)
+        measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps, a.trace)
