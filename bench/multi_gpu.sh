@@ -15,7 +15,7 @@
 #      apart (tiny model on a CPU: DDP 0.22 of the distance moved after 3 steps, 0.72 after 10,
 #      against 1.16 and 1.09 for the wrong batch), so at STEPS steps the two shares are context,
 #      and the check at the CPU test's own bound is its GPU twin, which runs first
-#      (tests/test_gpu_slots.py -k ddp_on_two_gpus_takes_both: tiny model, 3 steps, about 40 s).
+#      (tests/test_gpu_slots.py -k ddp_on_two_gpus: tiny model, 3 steps, about 40 s each).
 # To fit the call: STEPS (150) steps, NCLASS (16) class images, made once for both characters (both
 # are "woman") by a warm-up run before the timed ones. The warm-up also trains WARM_STEPS (30)
 # steps where no compile cache is on the machine yet (bench/e2e_gpu.sh leaves one; WARM_STEPS=0
@@ -105,12 +105,13 @@ rm -f config/characters/*.yaml
 character alice 2 "$STEPS" 1 "${DDP_COMPILE:-auto}"
 run devices-2 2 train && keep ddp && cp results/alice/logs/train.log "$OUT/alice-2.log"
 character alice 1 "$STEPS" 2
-# the GPU twin of the CPU test, at its own size and bound (about 40 s), before the longer SD-size run
-if [ $((END - $(date +%s))) -gt 40 ]; then
-  (cd "$ROOT" && timeout $((END - $(date +%s))) python3 -m pytest -q -x -m gpu tests/test_gpu_slots.py \
-    -k ddp_on_two_gpus_takes_both 2>&1 | tail -3)
+# the GPU twins of the CPU tests (train, and resume after a kill), at their own size and bound
+# (about 40 s each), before the longer SD-size run
+if [ $((END - $(date +%s))) -gt 90 ]; then
+  (cd "$ROOT" && timeout $((END - $(date +%s))) python3 -m pytest -q -m gpu tests/test_gpu_slots.py \
+    -k ddp_on_two_gpus 2>&1 | grep -E "passed|failed|^FAILED|Error" | tail -4)
 else
-  echo "tests/test_gpu_slots.py -k ddp_on_two_gpus_takes_both: skipped, the deadline is near"
+  echo "tests/test_gpu_slots.py -k ddp_on_two_gpus: skipped, the deadline is near"
 fi
 if [ $((END - $(date +%s))) -gt 45 ]; then
   run one-gpu-batch-2 1 train && keep b2

@@ -328,16 +328,25 @@ def test_odd_prime_and_mismatched_counts_train_exactly_max_steps(tiny_model, ins
 def test_each_image_is_used_equally_often_whatever_the_counts():
     data = train.StepIndices(settings(batch_size=3), [5], [7], start=0, total=35)
     batches = list(data)
-    instance = torch.cat([b["instance"] for b in batches]).tolist()
-    classes = torch.cat([b["class"] for b in batches]).tolist()
+    instance = [i for b in batches for i in b["instance"]]
+    classes = [c for b in batches for c in b["class"]]
     assert sorted(instance) == sorted(list(range(5)) * 21)
     assert sorted(classes) == sorted(list(range(7)) * 15)
     assert instance[:5] != instance[5:10], "each pass is shuffled anew"
 
 
+def test_a_batch_holds_no_tensors_for_ddp_to_move_to_the_gpu():
+    """torch's DDP moves every tensor of a forward's inputs to its GPU (the DataModule's
+    transfer_batch_to_device does not stop it), and the step then pinned CUDA tensors: the first
+    two-GPU run on an H200 failed so. Plain ints stay where the step uses them, on the CPU."""
+    batch = next(iter(train.StepIndices(settings(batch_size=2), [3], [4], start=0, total=1, rank=1, world_size=2)))
+    assert batch == {"step": 0, "position": [2, 3], "instance": batch["instance"], "class": batch["class"]}
+    assert all(type(i) is int for i in batch["instance"] + batch["class"])
+
+
 def test_subjects_take_turns_with_their_own_images():
     data = train.StepIndices(settings(batch_size=2), [3, 2], [4, 5], start=0, total=6)
-    items = [(i, c) for b in data for i, c in zip(b["instance"].tolist(), b["class"].tolist())]
+    items = [(i, c) for b in data for i, c in zip(b["instance"], b["class"])]
     assert all(i < 3 and c < 4 for i, c in items[0::2]), "even positions: subject 0"
     assert all(3 <= i < 5 and 4 <= c < 9 for i, c in items[1::2]), "odd positions: subject 1"
 
@@ -348,14 +357,14 @@ def test_ranks_split_the_global_batch_of_a_single_process():
              for r in range(2)]
     for k, batch in enumerate(one):
         for key in ("position", "instance", "class"):
-            assert torch.equal(torch.cat([ranks[0][k][key], ranks[1][k][key]]), batch[key])
+            assert ranks[0][k][key] + ranks[1][k][key] == batch[key]
 
 
 def test_resumed_data_order_continues_where_it_stopped():
     whole = list(train.StepIndices(settings(batch_size=2), [5], [3], start=0, total=9))
     tail = list(train.StepIndices(settings(batch_size=2), [5], [3], start=4, total=9))
     for a, b in zip(whole[4:], tail, strict=True):
-        assert all(torch.equal(a[key], b[key]) for key in ("position", "instance", "class"))
+        assert a == b
 
 
 # ---- learning ----------------------------------------------------------------------------------

@@ -79,9 +79,9 @@ class StepIndices(IterableDataset):
         for k in range(self.start, self.total):
             positions = [(k * self.world + self.rank) * bs + j for j in range(bs)]
             items = [self.item(p) for p in positions]
-            yield {"step": k, "position": torch.tensor(positions),
-                   "instance": torch.tensor([i for i, _ in items]),
-                   "class": torch.tensor([c for _, c in items if c is not None], dtype=torch.long)}
+            # plain ints: DDP would move tensors to the GPU, and the step uses these on the CPU
+            yield {"step": k, "position": positions, "instance": [i for i, _ in items],
+                   "class": [c for _, c in items if c is not None]}
 
 
 class DreamBoothData(pl.LightningDataModule):
@@ -189,7 +189,7 @@ class DreamBooth(pl.LightningModule):
                                 max_length=self.sd.tokenizer.model_max_length, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device))[0]
 
-    def _items(self, cache: dict, index: torch.Tensor, positions: list[int], kind: str):
+    def _items(self, cache: dict, index: list[int], positions: list[int], kind: str):
         """Latents, noise and timesteps of the items, each drawn from its own (seed, position) stream."""
         shape = cache["mean"].shape[1:]
         flips, eps, noise, timesteps = [], [], [], []
@@ -203,7 +203,7 @@ class DreamBooth(pl.LightningModule):
             noise.append(n)
             timesteps.append(torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (), generator=g))
         index, flip, eps, noise, timesteps = upload(
-            self.device, index, torch.tensor(flips)[:, None, None, None], torch.stack(eps), torch.stack(noise),
+            self.device, torch.tensor(index), torch.tensor(flips)[:, None, None, None], torch.stack(eps), torch.stack(noise),
             torch.stack(timesteps))
         mean = torch.where(flip, cache["mean_flip"][index], cache["mean"][index])
         std = torch.where(flip, cache["std_flip"][index], cache["std"][index])
@@ -212,7 +212,7 @@ class DreamBooth(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         if self.caption_embeddings is None and not self.text_encoder_trained():
             self.cache_captions()
-        positions = batch["position"].tolist()
+        positions = batch["position"]
         n_inst, n_cls = len(batch["instance"]), len(batch["class"])
         parts = [self._items(self.instance_latents, batch["instance"], positions, "instance")]
         caption_ids = [self.instance_caption[batch["instance"]]]
