@@ -19,7 +19,7 @@
 # To fit the call: STEPS (150) steps, NCLASS (16) class images, made once for both characters (both
 # are "woman") by a warm-up run before the timed ones. The warm-up also trains WARM_STEPS (30)
 # steps where no compile cache is on the machine yet (bench/e2e_gpu.sh leaves one; WARM_STEPS=0
-# skips it). The DDP run compiles as train.compile auto does (blocks under DDP) unless DDP_COMPILE says
+# skips it). The DDP run runs the UNet as train.compile auto does (CUDA graphs) unless DDP_COMPILE says
 # otherwise. The snakemake calls stop at DEADLINE (420) s after the start, leaving time for the
 # figures: a part that did not finish says so.
 # Works in /tmp/multi (reusing /tmp/base, the base model bench/e2e_gpu.sh builds). Writes

@@ -2,6 +2,7 @@
 Tests taking `device` run here on the CPU and again on CUDA from tests/test_gpu.py."""
 
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from dreampipe import speed
+from dreampipe import config, speed
 
 
 def tiny_net(dtype=torch.bfloat16, device="cpu"):
@@ -106,6 +107,18 @@ def test_only_adamw_gets_bf16_weights_on_a_gpu():
     assert not speed.bf16_weights({**settings, "optimizer": "adamw8bit"}, "cuda")
     assert not speed.bf16_weights({**settings, "precision": "32-true"}, "cuda")
     assert not speed.bf16_weights(settings, "cpu")
+
+
+def test_auto_replays_cuda_graphs_on_one_gpu_or_several_and_runs_eagerly_to_save_memory():
+    """Graphs under DDP too: on two H200s (docs/benchmarks.md, call 11) DDP with the replayed
+    backward reached 1.86x the images a second of one GPU (the goal: 1.8x); blocks, auto's former
+    choice under DDP, ran 9.8 it/s on one GPU against 22 for graphs."""
+    defaults = config.defaults()["train"]
+    assert speed.compile_scope(defaults) == "graphs"
+    assert speed.compile_scope({**defaults, "devices": 2}) == "graphs"
+    assert speed.compile_scope({**defaults, "low_memory": True}) is None
+    assert speed.compile_scope({**defaults, "compile": "blocks"}) == "blocks"
+    assert "world_size" not in inspect.signature(speed.prepare_training).parameters
 
 
 @pytest.mark.parametrize("fused_backward", [False, True])

@@ -36,17 +36,16 @@ def bf16_weights(settings: dict, device) -> bool:
 REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
-def compile_scope(settings: dict, world_size: int = 1) -> str | None:
+def compile_scope(settings: dict) -> str | None:
     """`train.compile`: graphs = the UNet's forward and backward replayed as CUDA graphs, nothing
     compiled; blocks = each repeated block compiled alone; unet = the whole UNet compiled, with CUDA
-    graphs; false = eager. auto = graphs on one GPU, blocks under DDP, eager in the low-memory
-    profile (whose per-weight optimizer steps run inside the eager backward) and with gradient
-    checkpointing (which recomputes activations in the backward: a memory setting, not a speed one)."""
+    graphs; false = eager. auto = graphs, on one GPU or under DDP (which reduces the gradients as
+    the replayed backward hands them over); eager in the low-memory profile (whose per-weight
+    optimizer steps run inside the eager backward) and with gradient checkpointing (which
+    recomputes activations in the backward: a memory setting, not a speed one)."""
     scope = settings.get("compile", "auto")
     if scope == "auto":
-        if settings.get("low_memory") or settings.get("gradient_checkpointing"):
-            return None
-        return "graphs" if world_size == 1 else "blocks"
+        return None if settings.get("low_memory") or settings.get("gradient_checkpointing") else "graphs"
     return scope or None
 
 
@@ -128,7 +127,7 @@ class _UNetCall(torch.nn.Module):
         return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
 
 
-def prepare_training(model, settings: dict, device, world_size: int = 1):
+def prepare_training(model, settings: dict, device):
     """Ready a StableDiffusion model, already on `device`, for training; returns the UNet call of
     the training step: f(noisy latents, timesteps, text context) -> predicted noise."""
     def plain(sample, timesteps, context):
@@ -143,7 +142,7 @@ def prepare_training(model, settings: dict, device, world_size: int = 1):
     model.unet.to(memory_format=torch.channels_last)
     if settings.get("low_memory"):
         model.unet.enable_gradient_checkpointing()
-    scope = compile_scope(settings, world_size)
+    scope = compile_scope(settings)
     if scope == "graphs":
         return GraphedUNet(model.unet)
     if scope:

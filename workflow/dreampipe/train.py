@@ -241,7 +241,7 @@ class DreamBooth(pl.LightningModule):
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
-        self.unet_call = speed.prepare_training(self.sd, self.s, self.device, self.trainer.world_size)
+        self.unet_call = speed.prepare_training(self.sd, self.s, self.device)
         factor = lr_factor(self.s, self.trainer.world_size, len(self.trainer.datamodule.instance_captions))
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
                    "lr": self.s["learning_rate"] * factor}]
