@@ -2,7 +2,8 @@
 # The baseline of e2e_gpu.sh: the diffusers DreamBooth example doing the same work (the same 20
 # photos, SD 1.x-size random weights as a diffusers folder, NCLASS class images it generates itself,
 # STEPS steps, bf16 mixed precision, prior preservation, its default state save every 500 steps).
-# On the GPU machine from the project root after `source .devkit/setup.sh`, with
+# On the GPU machine from the project root after `source .devkit/setup.sh` (and `source bench/gpu_bytecode.sh`
+# when e2e_gpu.sh runs with bytecode kept), with
 # examples/dreambooth/train_dreambooth.py of huggingface/diffusers in .devkit/ (fetched, carried,
 # never committed). Writes $OUT/diffusers.log.
 set -u

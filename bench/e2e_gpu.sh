@@ -2,7 +2,7 @@
 # One character end to end on one GPU, the way a user runs it: 20 photos of 1200x1600, an SD 1.x-size
 # base model (random weights, fp16 LDM .safetensors), NCLASS class images, STEPS training steps,
 # export and samples, through `snakemake --cores 16 --resources gpu=1`.
-# On the GPU machine, from the project root, after `source .devkit/setup.sh`
+# On the GPU machine, from the project root, after `source .devkit/setup.sh` and `source bench/gpu_bytecode.sh`
 # (../shared/tools/device-workflow-kit.sh). Works in /tmp/e2e (kept between calls of one machine, so
 # a second character there finds the base model and warm compile caches).
 # Env: NAME (alice), CLASS (woman), STEPS (1000), NCLASS (200), LIMIT (540 s), COLD=1 empties the

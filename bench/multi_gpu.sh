@@ -109,7 +109,7 @@ character alice 1 "$STEPS" 2
 # (about 40 s each), before the longer SD-size run
 if [ $((END - $(date +%s))) -gt 90 ]; then
   (cd "$ROOT" && timeout $((END - $(date +%s))) python3 -m pytest -q -m gpu tests/test_gpu_slots.py \
-    -k ddp_on_two_gpus 2>&1 | grep -E "passed|failed|^FAILED|Error" | tail -4)
+    -k ddp_on_two_gpus 2>&1 | grep -E "passed|failed|^FAILED|^E |Error" | tail -30)
 else
   echo "tests/test_gpu_slots.py -k ddp_on_two_gpus: skipped, the deadline is near"
 fi
