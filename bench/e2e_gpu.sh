@@ -7,6 +7,9 @@
 # a second character there finds the base model and warm compile caches).
 # Env: NAME (alice), CLASS (woman), STEPS (1000), NCLASS (200), LIMIT (540 s), COLD=1 empties the
 # compile caches (Triton's and inductor's, under /tmp/e2e-cache) first, TRAIN_EXTRA (yaml lines under train:).
+# CPUS (e.g. 0-15): run on those cores only (taskset), so that a baseline beside it on the other
+# GPU gets the other half of the host: the diffusers example is CPU-bound and slowed by a third
+# when both shared 32 cores (docs/benchmarks.md, call 9).
 # Prints per-rule seconds from Snakemake's benchmark files; writes $OUT/e2e-$NAME.log.
 set -u
 OUT=${OUT:-/tmp/e2e-out}; mkdir -p "$OUT"
@@ -35,7 +38,7 @@ train:
 ${TRAIN_EXTRA:-}
 YAML
 S=$(date +%s.%N)
-TORCH_LOGS=recompiles timeout ${LIMIT:-540} snakemake --cores 16 --resources gpu=1 > "$OUT/e2e-$NAME.log" 2>&1; rc=$?
+TORCH_LOGS=recompiles timeout ${LIMIT:-540} ${CPUS:+taskset -c $CPUS} snakemake --cores 16 --resources gpu=1 > "$OUT/e2e-$NAME.log" 2>&1; rc=$?
 E=$(date +%s.%N)
 echo "e2e $NAME rc=$rc wall $(secs $S $E) s (steps $STEPS, class images ${NCLASS:-200})"
 [ $rc = 0 ] || tail -25 "$OUT/e2e-$NAME.log"
