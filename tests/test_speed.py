@@ -110,9 +110,8 @@ def test_only_adamw_gets_bf16_weights_on_a_gpu():
 
 
 def test_auto_replays_cuda_graphs_on_one_gpu_or_several_and_runs_eagerly_to_save_memory():
-    """Graphs under DDP too: on two H200s (docs/benchmarks.md, call 11) DDP with the replayed
-    backward reached 1.86x the images a second of one GPU (the goal: 1.8x); blocks, auto's former
-    choice under DDP, ran 9.8 it/s on one GPU against 22 for graphs."""
+    """Graphs under DDP too (DDP reduces the gradients as the replayed backward hands them over):
+    blocks, auto's former choice under DDP, ran 9.8 it/s on one H200 against 22 for graphs."""
     defaults = config.defaults()["train"]
     assert speed.compile_scope(defaults) == "graphs"
     assert speed.compile_scope({**defaults, "devices": 2}) == "graphs"
