@@ -4,6 +4,10 @@ example photos with the same class images, steps and seeds, and scored by evalua
 markdown table, a row as each recipe finishes.
 
     PYTHONPATH=workflow python bench/toy_recipes.py [--out results/bench/toy-recipes] [--recipes 3]
+    PYTHONPATH=workflow python bench/toy_recipes.py --seed-set dev --recipe 'lr 2e-4={"learning_rate": 2e-4}'
+
+A recipe is a change to the demo's train settings; "num_class_images" in it changes the class
+images too (the first n of one store, so recipes share them).
 """
 
 import argparse
@@ -42,6 +46,11 @@ def recipes(demo: dict) -> dict:
     }
 
 
+def named_change(text: str) -> tuple[str, dict]:
+    name, _, change = text.partition("=")
+    return name, json.loads(change)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="results/bench/toy-recipes")
@@ -51,6 +60,8 @@ def main():
     p.add_argument("--steps", type=int, help="train every recipe this many steps (default: as each says)")
     p.add_argument("--recipes", type=int, help="only the first this many recipes (3: the demo's, the diffusers "
                    "example's and ours without prior preservation)")
+    p.add_argument("--recipe", action="append", type=named_change, metavar="NAME=JSON",
+                   help="run this recipe (a change to the demo's settings) instead of the list; repeatable")
     p.add_argument("--base-model", help="a pretrained toy model folder (toy-sd.safetensors, tokenizer/, "
                    "attributes.safetensors); default: the example character's base model")
     a = p.parse_args()
@@ -64,18 +75,26 @@ def main():
     example_photos.write(out / "photos")
     prepare.run(out / "photos", out / "instance", 64, c["prepare"]["mode"], "white", c["instance_prompt"])
     ci = c["class_images"]
-    class_images.run(model, tokenizer, out / "class", out / "class.json", ci["num_class_images"],
-                     ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
+
+    def class_manifest(count: int) -> Path:
+        manifest = out / f"class-{count}.json"
+        class_images.run(model, tokenizer, out / "class", manifest, count, ci["class_prompt"], "", ci["sampler"],
+                         ci["steps"], ci["guidance_scale"], 64)
+        return manifest
+
     demo = config.train_settings(c)
+    chosen = dict(a.recipe) if a.recipe else dict(list(recipes(demo).items())[:a.recipes])
     keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift",
             "recontext_background", "recontext_both"]
     print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | " + " | ".join(keys) + " |")
     print("|---" * (4 + len(keys)) + "|", flush=True)
     rows = []
-    for name, change in list(recipes(demo).items())[:a.recipes]:
+    for name, change in chosen.items():
         slug = "".join(ch if ch.isalnum() else "-" for ch in name)
+        change = dict(change)
+        manifest = class_manifest(change.pop("num_class_images", ci["num_class_images"]))
         settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {})}
-        trained = train.run(model, tokenizer, [(out / "instance", out / "class.json")], settings,
+        trained = train.run(model, tokenizer, [(out / "instance", manifest)], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
                          c["instance_prompt"], ci["class_prompt"], c["class_word"],
