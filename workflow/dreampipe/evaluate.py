@@ -40,6 +40,9 @@ SUBJECT_KEYS = ("shape", "colour", "pattern")
 # Class image i is drawn from seed i (class_images.py) and the config schema caps
 # num_class_images below 10**6, so no evaluation sample repeats a class image's noise.
 SEED_SETS = {"dev": range(10**6, 10**6 + 32), "test": range(10**6 + 32, 10**6 + 96)}
+# How every figure is sampled (DDIM steps, guidance), the workflow's evaluation and the recipe
+# comparison in docs/quality.md alike, so the two read the same numbers for the same model.
+STEPS, GUIDANCE = 20, 5.0
 GRID_SEEDS = 16  # the grid shows the first seeds (a sheet to look at); the numbers count them all
 
 
