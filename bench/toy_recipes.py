@@ -98,7 +98,8 @@ def main():
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
                          c["instance_prompt"], ci["class_prompt"], c["class_word"],
-                         evaluate.SEED_SETS[a.seed_set][:a.seeds], evaluate.STEPS, evaluate.GUIDANCE, out / slug / "evaluation.png")
+                         evaluate.SEED_SETS[a.seed_set][:a.seeds], evaluate.STEPS, evaluate.GUIDANCE,
+                         out / slug / "evaluation.png")
         if not rows:
             print("| base model (before) | 0 | - | - | " + " | ".join(evaluate.cell(r["before"], k) for k in keys) + " |")
         rows.append((name, settings, r))
