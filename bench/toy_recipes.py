@@ -13,6 +13,7 @@ images too (the first n of one store, so recipes share them).
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -86,28 +87,31 @@ def main():
     chosen = dict(a.recipe) if a.recipe else dict(list(recipes(demo).items())[:a.recipes])
     keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift",
             "recontext_background", "recontext_both"]
-    print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | " + " | ".join(keys) + " |")
-    print("|---" * (4 + len(keys)) + "|", flush=True)
+    print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | train s | " + " | ".join(keys) + " |")
+    print("|---" * (5 + len(keys)) + "|", flush=True)
     rows = []
     for name, change in chosen.items():
         slug = "".join(ch if ch.isalnum() else "-" for ch in name)
         change = dict(change)
         manifest = class_manifest(change.pop("num_class_images", ci["num_class_images"]))
         settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {})}
+        start = time.perf_counter()
         trained = train.run(model, tokenizer, [(out / "instance", manifest)], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
+        seconds = time.perf_counter() - start
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
                          c["instance_prompt"], ci["class_prompt"], c["class_word"],
                          evaluate.SEED_SETS[a.seed_set][:a.seeds], evaluate.STEPS, evaluate.GUIDANCE,
                          out / slug / "evaluation.png")
         if not rows:
-            print("| base model (before) | 0 | - | - | " + " | ".join(evaluate.cell(r["before"], k) for k in keys) + " |")
-        rows.append((name, settings, r))
+            print("| base model (before) | 0 | - | - | - | "
+                  + " | ".join(evaluate.cell(r["before"], k) for k in keys) + " |")
+        rows.append((name, settings, {**r, "train_seconds": seconds}))
         te = f" / {settings['text_encoder_learning_rate'] or settings['learning_rate']:g}" \
             if settings["train_text_encoder"] else " / frozen"
         print(f"| {name} | {settings['max_steps']} | {settings['learning_rate']:g}{te} | "
-              f"{settings['prior_loss_weight']:g} | " + " | ".join(evaluate.cell(r["after"], k) for k in keys) + " |",
-              flush=True)
+              f"{settings['prior_loss_weight']:g} | {seconds:.0f} | "
+              + " | ".join(evaluate.cell(r["after"], k) for k in keys) + " |", flush=True)
         (out / "summary.json").write_text(json.dumps([{"recipe": n, "settings": s, **r} for n, s, r in rows], indent=1))
     print(f"\nReference: the base model prompted \"{rows[0][2]['described_prompt']}\": subject fidelity "
           f"{evaluate.cell(rows[0][2], 'described')}")
