@@ -4,11 +4,16 @@ example photos with the same class images, steps and seeds, and scored by evalua
 markdown table, a row as each recipe finishes.
 
     PYTHONPATH=workflow python bench/toy_recipes.py [--out results/bench/toy-recipes] [--recipes 3]
+    PYTHONPATH=workflow python bench/toy_recipes.py --seed-set dev --recipe 'lr 2e-4={"learning_rate": 2e-4}'
+
+A recipe is a change to the demo's train settings; "num_class_images" in it changes the class
+images too (the first n of one store, so recipes share them).
 """
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -25,21 +30,24 @@ DIFFUSERS = {"learning_rate": 5e-6, "lr_scheduler": "constant", "lr_warmup_steps
 
 
 def recipes(demo: dict) -> dict:
-    """The issue's comparison first, then the variations that choose the demo's settings."""
+    """The issue's comparison first, then the variations that told most in choosing the demo's
+    settings on the dev seeds (docs/quality.md): the UNet's rate, the steps, the text encoder."""
     steps = demo["max_steps"]
-    lower = {"learning_rate": demo["learning_rate"] * 0.3,
-             "text_encoder_learning_rate": demo["text_encoder_learning_rate"] * 0.3}
     return {
         "ours (demo config)": {},
         "diffusers recipe": DIFFUSERS,
         "ours, prior_loss_weight 0": {"prior_loss_weight": 0.0},
-        "ours, lr x0.3": lower,
-        "ours, lr x0.3, prior_loss_weight 0": {**lower, "prior_loss_weight": 0.0},
+        "ours, UNet lr x3": {"learning_rate": demo["learning_rate"] * 3},
         f"ours, {steps // 2} steps": {"max_steps": steps // 2},
         f"ours, {steps * 2} steps": {"max_steps": steps * 2},
         "ours, frozen text encoder": {"train_text_encoder": False},
         "ours, prior_loss_weight 3": {"prior_loss_weight": 3.0},
     }
+
+
+def named_change(text: str) -> tuple[str, dict]:
+    name, _, change = text.partition("=")
+    return name, json.loads(change)
 
 
 def main():
@@ -51,6 +59,8 @@ def main():
     p.add_argument("--steps", type=int, help="train every recipe this many steps (default: as each says)")
     p.add_argument("--recipes", type=int, help="only the first this many recipes (3: the demo's, the diffusers "
                    "example's and ours without prior preservation)")
+    p.add_argument("--recipe", action="append", type=named_change, metavar="NAME=JSON",
+                   help="run this recipe (a change to the demo's settings) instead of the list; repeatable")
     p.add_argument("--base-model", help="a pretrained toy model folder (toy-sd.safetensors, tokenizer/, "
                    "attributes.safetensors); default: the example character's base model")
     a = p.parse_args()
@@ -64,30 +74,42 @@ def main():
     example_photos.write(out / "photos")
     prepare.run(out / "photos", out / "instance", 64, c["prepare"]["mode"], "white", c["instance_prompt"])
     ci = c["class_images"]
-    class_images.run(model, tokenizer, out / "class", out / "class.json", ci["num_class_images"],
-                     ci["class_prompt"], "", ci["sampler"], ci["steps"], ci["guidance_scale"], 64)
+
+    def class_manifest(count: int) -> Path:
+        manifest = out / f"class-{count}.json"
+        class_images.run(model, tokenizer, out / "class", manifest, count, ci["class_prompt"], "", ci["sampler"],
+                         ci["steps"], ci["guidance_scale"], 64)
+        return manifest
+
     demo = config.train_settings(c)
+    chosen = dict(a.recipe) if a.recipe else dict(list(recipes(demo).items())[:a.recipes])
     keys = ["subject_fidelity", "class_shape_rate", "class_colour_entropy", "class_pattern_entropy", "language_drift",
             "recontext_background", "recontext_both"]
-    print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | " + " | ".join(keys) + " |")
-    print("|---" * (4 + len(keys)) + "|", flush=True)
+    print("| recipe | steps | lr (UNet / text encoder) | prior_loss_weight | train s | " + " | ".join(keys) + " |")
+    print("|---" * (5 + len(keys)) + "|", flush=True)
     rows = []
-    for name, change in list(recipes(demo).items())[:a.recipes]:
+    for name, change in chosen.items():
         slug = "".join(ch if ch.isalnum() else "-" for ch in name)
+        change = dict(change)
+        manifest = class_manifest(change.pop("num_class_images", ci["num_class_images"]))
         settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {})}
-        trained = train.run(model, tokenizer, [(out / "instance", out / "class.json")], settings,
+        start = time.perf_counter()
+        trained = train.run(model, tokenizer, [(out / "instance", manifest)], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")
+        seconds = time.perf_counter() - start
         r = evaluate.run(trained, model, tokenizer, classifier, out / "instance", out / slug / "evaluation.json",
                          c["instance_prompt"], ci["class_prompt"], c["class_word"],
-                         evaluate.SEED_SETS[a.seed_set][:a.seeds], 20, 5.0, out / slug / "evaluation.png")
+                         evaluate.SEED_SETS[a.seed_set][:a.seeds], evaluate.STEPS, evaluate.GUIDANCE,
+                         out / slug / "evaluation.png")
         if not rows:
-            print("| base model (before) | 0 | - | - | " + " | ".join(evaluate.cell(r["before"], k) for k in keys) + " |")
-        rows.append((name, settings, r))
+            print("| base model (before) | 0 | - | - | - | "
+                  + " | ".join(evaluate.cell(r["before"], k) for k in keys) + " |")
+        rows.append((name, settings, {**r, "train_seconds": seconds}))
         te = f" / {settings['text_encoder_learning_rate'] or settings['learning_rate']:g}" \
             if settings["train_text_encoder"] else " / frozen"
         print(f"| {name} | {settings['max_steps']} | {settings['learning_rate']:g}{te} | "
-              f"{settings['prior_loss_weight']:g} | " + " | ".join(evaluate.cell(r["after"], k) for k in keys) + " |",
-              flush=True)
+              f"{settings['prior_loss_weight']:g} | {seconds:.0f} | "
+              + " | ".join(evaluate.cell(r["after"], k) for k in keys) + " |", flush=True)
         (out / "summary.json").write_text(json.dumps([{"recipe": n, "settings": s, **r} for n, s, r in rows], indent=1))
     print(f"\nReference: the base model prompted \"{rows[0][2]['described_prompt']}\": subject fidelity "
           f"{evaluate.cell(rows[0][2], 'described')}")

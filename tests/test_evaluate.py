@@ -36,6 +36,20 @@ def test_evaluation_seeds_never_draw_a_class_image_and_dev_and_test_are_apart():
     assert re.search(r"--seed-set test\b", rule) and "--seeds" not in rule
 
 
+def test_the_workflow_evaluates_with_the_sampling_of_the_documented_figures(tmp_path, monkeypatch):
+    """docs/quality.md's tables come from bench/toy_recipes.py; the demo's evaluation.md must
+    read the same figures for the same model, so both sample as evaluate.STEPS and GUIDANCE say."""
+    from dreampipe import cli
+
+    called = {}
+    monkeypatch.setattr(evaluate, "run", lambda *a, **k: called.update(steps=a[10], guidance=a[11]))
+    cli.main(["evaluate", "m.safetensors", "--base-model", "b.safetensors", "--classifier", "c", "--instance-dir",
+              "i", "--out", str(tmp_path / "e.json"), "--instance-prompt", "a photo of zxq star",
+              "--class-prompt", "a photo of a star", "--class-word", "star"])
+    assert called == {"steps": evaluate.STEPS, "guidance": evaluate.GUIDANCE}
+    assert "evaluate.STEPS, evaluate.GUIDANCE" in (ROOT / "bench/toy_recipes.py").read_text()
+
+
 def test_scores_put_an_interval_next_to_every_rate():
     subject = {"shape": "star", "colour": "purple", "pattern": "dotted"}
     hit = {**subject, "background": "green"}

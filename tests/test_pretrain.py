@@ -84,6 +84,33 @@ def test_the_lr_warms_up_then_decays_to_zero_and_the_warm_up_ignores_the_total()
     assert pretrain.lr_factor(100, 100, 10) == pytest.approx(0, abs=1e-6)
 
 
+def test_fit_follows_a_given_scheduler_and_refuses_one_with_a_time_budget(tmp_path):
+    # The classifier trains through fit with a one-cycle learning rate made for its steps.
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    lrs = []
+
+    def step(_):
+        lrs.append(opt.param_groups[0]["lr"])
+        (w * 0).sum().backward()
+        return w.detach().sum()
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** k)
+    record = pretrain.Log(tmp_path / "loss.csv", "toy")
+    assert pretrain.fit(opt, step, steps=3, record=record, device="cpu", scheduler=sched) == 3
+    assert lrs == [1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="time budget"):
+        pretrain.fit(opt, step, steps=3, seconds=1.0, record=record, device="cpu", scheduler=sched)
+
+
+def test_the_classifier_trains_through_fit_with_a_row_of_its_loss_per_step(tmp_path):
+    record = pretrain.Log(tmp_path / "loss.csv", "classifier")
+    net = pretrain.train_classifier([], steps=2, seed=0, record=record, device="cpu", batch_size=4)
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert rows[1:] and [r.split(",")[:2] for r in rows[1:]] == [["classifier", "0"], ["classifier", "1"]]
+    assert isinstance(net, evaluate.AttributeClassifier) and not net.training
+
+
 def test_the_gpu_settings_are_larger_than_the_cpu_default():
     cpu, gpu = pretrain.settings_for("cpu"), pretrain.settings_for("cuda")
     assert gpu["latents"] >= 4 * cpu["latents"] and gpu["unet_seconds"] and not cpu["unet_seconds"]

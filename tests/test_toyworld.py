@@ -105,20 +105,21 @@ def test_scores_count_the_subject_only_when_shape_colour_and_pattern_all_match()
 def test_the_demo_learns_the_subject_and_prior_preservation_keeps_the_class_prompt(tmp_path, example_photos):
     """The demo's settings (config/config.yaml) on the committed model, evaluated on the 32 dev
     seeds (evaluate.SEED_SETS: held out from the class images; the test seeds are for reported
-    numbers, docs/quality.md).
+    numbers, docs/quality.md, which also says how the recipe was chosen on these seeds).
 
-    Measured on the dev seeds (2026-11-30, 2 threads, the GPU-pretrained model at the demo's lr
-    9e-5 / 3e-4): the base model draws the purple dotted star for "a photo of zxq star" in 0.03 of
+    Measured on the dev seeds (2026-11-30, the GPU-pretrained model, the demo's 800 steps at lr
+    5e-5 / 3e-4): the base model draws the purple dotted star for "a photo of zxq star" in 0.03 of
     32 seeds and, told "a photo of a purple dotted star" in words, in 0.56; the demo finetune
-    reaches 0.41, purple in 0.81, the subject on a new background in 0.62 (background as asked
-    1.00), class colour entropy 0.84, language drift 0.12. Asserted, with room for float
-    differences across CPUs (one seed is 0.03): fidelity at least 0.3 and above the base model's;
-    purple in at least 0.6 of the subject samples; the subject also on other backgrounds, which
-    are drawn as asked; class samples still stars in several colours (8 colours drawn equally
-    often give entropy 1, one colour 0); and the class prompt turns into the subject in at most
-    0.2 of the seeds. The same with prior_loss_weight 0 (dev: fidelity 0.44, background 1.00)
-    turns the class prompt into the subject (language drift 0.41) and loses its colours (entropy
-    0.36): asserted, drift at least 0.15 above the demo's and entropy at least 0.2 below.
+    reaches 0.62 on 1 thread (0.72 on 2: float sums in another order; 0.59 with training seed 1),
+    purple in 0.84, the subject on a new background in 0.53 (background as asked 1.00), class
+    colour entropy 0.81, language drift 0.03. Asserted, with room for such differences (one seed
+    is 0.03): fidelity at least 0.45 and above the base model's; purple in at least 0.7 of the
+    subject samples; the subject also on other backgrounds, which are drawn as asked; class
+    samples still stars in several colours (8 colours drawn equally often give entropy 1, one
+    colour 0); and the class prompt turns into the subject in at most 0.2 of the seeds. The same
+    with prior_loss_weight 0 (dev: fidelity 0.69, subject on a new background 0.59) turns the
+    class prompt into the subject (language drift 0.69) and into nearly one colour (entropy
+    0.07): asserted, drift at least 0.3 above the demo's and entropy at least 0.4 below.
     """
     _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
     c = chars["example"]
@@ -135,21 +136,21 @@ def test_the_demo_learns_the_subject_and_prior_preservation_keeps_the_class_prom
                             tmp_path / name / "state", tmp_path / name, tmp_path / name / "trained.safetensors")
         return evaluate.run(trained, model, tokenizer, TOY / evaluate.CLASSIFIER_FILE, instance,
                             tmp_path / name / "evaluation.json", c["instance_prompt"], ci["class_prompt"],
-                            c["class_word"], evaluate.SEED_SETS["dev"], 20, 5.0)
+                            c["class_word"], evaluate.SEED_SETS["dev"], evaluate.STEPS, evaluate.GUIDANCE)
 
     r = finetune_and_evaluate("demo")
     no_prior = finetune_and_evaluate("no-prior", prior_loss_weight=0.0)["after"]
     assert r["subject"] == {"shape": "star", "colour": "purple", "pattern": "dotted"}
     assert json.loads((tmp_path / "demo" / "evaluation.json").read_text()) == r
     before, after = r["before"], r["after"]
-    assert after["subject_fidelity"] >= 0.3, r
+    assert after["subject_fidelity"] >= 0.45, r
     assert after["subject_fidelity"] > before["subject_fidelity"], r
-    assert after["subject_attributes"]["colour"] >= 0.6, r
-    assert after["recontext_both"] >= 0.3 and after["recontext_background"] >= 0.8, r
+    assert after["subject_attributes"]["colour"] >= 0.7, r
+    assert after["recontext_both"] >= 0.35 and after["recontext_background"] >= 0.8, r
     assert after["class_shape_rate"] >= 0.5, r
     assert after["class_colour_entropy"] >= 0.6, r
     assert after["language_drift"] <= max(0.2, before["language_drift"]), r
     # Prior preservation matters: without it the class prompt turns into the subject and loses
-    # its colours (dev: drift 0.41 against 0.12, colour entropy 0.36 against 0.84).
-    assert no_prior["language_drift"] >= after["language_drift"] + 0.15, (no_prior, after)
-    assert no_prior["class_colour_entropy"] <= after["class_colour_entropy"] - 0.2, (no_prior, after)
+    # its colours (dev: drift 0.69 against 0.03, colour entropy 0.07 against 0.81).
+    assert no_prior["language_drift"] >= after["language_drift"] + 0.3, (no_prior, after)
+    assert no_prior["class_colour_entropy"] <= after["class_colour_entropy"] - 0.4, (no_prior, after)

@@ -74,9 +74,11 @@ def cmd_pretrain_toy(a):
 def cmd_evaluate(a):
     from . import evaluate
 
+    steps = evaluate.STEPS if a.steps is None else a.steps
+    guidance = evaluate.GUIDANCE if a.guidance_scale is None else a.guidance_scale
     evaluate.run(a.model, a.base_model, a.tokenizer, Path(a.classifier), Path(a.instance_dir), Path(a.out),
-                 a.instance_prompt, a.class_prompt, a.class_word, evaluate.SEED_SETS[a.seed_set], a.steps,
-                 a.guidance_scale, a.grid and Path(a.grid), base_options=base_options(a))
+                 a.instance_prompt, a.class_prompt, a.class_word, evaluate.SEED_SETS[a.seed_set], steps, guidance,
+                 a.grid and Path(a.grid), base_options=base_options(a))
 
 
 def cmd_prepare(a):
@@ -219,8 +221,8 @@ def main(argv=None) -> int:
     sp.add_argument("--class-word", required=True)
     sp.add_argument("--seed-set", choices=["dev", "test"], default="test",
                     help="held-out seeds: dev to choose recipes and thresholds, test for the reported numbers")
-    sp.add_argument("--steps", type=int, default=25)
-    sp.add_argument("--guidance-scale", type=float, default=5.0)
+    sp.add_argument("--steps", type=int, help="DDIM steps (default: evaluate.STEPS, those of docs/quality.md)")
+    sp.add_argument("--guidance-scale", type=float, help="(default: evaluate.GUIDANCE)")
     sp.add_argument("--grid", help="also write the scored pictures as a grid")
     add_base_options(sp)
 

@@ -27,10 +27,8 @@ import random
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from . import toyworld
 from .files import write_json
@@ -40,6 +38,9 @@ SUBJECT_KEYS = ("shape", "colour", "pattern")
 # Class image i is drawn from seed i (class_images.py) and the config schema caps
 # num_class_images below 10**6, so no evaluation sample repeats a class image's noise.
 SEED_SETS = {"dev": range(10**6, 10**6 + 32), "test": range(10**6 + 32, 10**6 + 96)}
+# How every figure is sampled (DDIM steps, guidance), the workflow's evaluation and the recipe
+# comparison in docs/quality.md alike, so the two read the same numbers for the same model.
+STEPS, GUIDANCE = 20, 5.0
 GRID_SEEDS = 16  # the grid shows the first seeds (a sheet to look at); the numbers count them all
 
 
@@ -70,85 +71,6 @@ class AttributeClassifier(torch.nn.Module):
         logits = self(x.to(next(self.parameters()).device))
         return [{name: toyworld.ATTRIBUTES[name][int(logits[name][i].argmax())] for name in logits}
                 for i in range(len(images))]
-
-
-def labels(things: list[toyworld.Thing]) -> dict:
-    return {name: torch.tensor([values.index(getattr(t, name)) for t in things])
-            for name, values in toyworld.ATTRIBUTES.items()}
-
-
-def augment(image: Image.Image, rng: random.Random) -> Image.Image:
-    """Blur and noise, as in pictures decoded from a small VAE."""
-    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
-    noise = torch.randn(64, 64, 3, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
-    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
-    arr = (arr + noise * rng.uniform(0, 12)).clamp(0, 255).to(torch.uint8)
-    return Image.fromarray(arr.numpy())
-
-
-def batch_loader(data: torch.utils.data.Dataset, *, workers: int):
-    """The items of `data` (each a whole batch) in order, made by `workers` processes (0: this
-    one). Items are numpy arrays and plain objects, passed back pickled: tensors would go through
-    shared memory, which containers often keep at 64 MB."""
-    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                       prefetch_factor=4 if workers else None)
-
-
-def _as_is(item):
-    return item
-
-
-class _ClassifierBatches(torch.utils.data.Dataset):
-    """Batch i of the classifier's training data: fresh toy-world pictures (augmented) mixed half
-    and half with `extra` labelled pictures, drawn by a random generator of (seed, i) alone, so
-    the same whatever the number of workers that draw them. Pixels as uint8 (N, 64, 64, 3)."""
-
-    def __init__(self, extra: list, seed: int, size: int, count: int):
-        self.extra, self.seed, self.size, self.count = extra, seed, size, count
-
-    def __len__(self):
-        return self.count
-
-    def __getitem__(self, i):
-        rng = random.Random(f"{self.seed}/{i}")
-        batch = []
-        for _ in range(self.size):
-            if self.extra and rng.random() < 0.5:
-                batch.append(rng.choice(self.extra))
-            else:
-                im, thing, _ = toyworld.example(rng.randrange(2**31))
-                batch.append((augment(im, rng), thing))
-        return np.stack([np.asarray(im.convert("RGB")) for im, _ in batch]), [t for _, t in batch]
-
-
-def train_classifier(steps: int, extra: list[tuple[Image.Image, toyworld.Thing]] = (),
-                     seed: int = 0, batch_size: int = 64, log=print, device="cpu", workers: int = 0,
-                     record=None) -> AttributeClassifier:
-    """Fresh toy-world pictures every step (augmented), mixed with `extra` labelled pictures
-    (e.g. VAE reconstructions, so the classifier knows what decoded pictures look like), drawn by
-    `workers` processes; `record` (a pretrain.Log) gets every loss."""
-    from .sampling import from_uint8
-
-    torch.manual_seed(seed)
-    net = AttributeClassifier().to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    data = batch_loader(_ClassifierBatches(list(extra), seed, batch_size, steps), workers=workers)
-    for step, (pixels, things) in enumerate(data):
-        logits = net(from_uint8(pixels, device))
-        target = labels(things)
-        loss = sum(F.cross_entropy(logits[k], target[k].to(device)) for k in logits)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        if record:
-            record(step, loss.detach())
-        if step % 500 == 0 or step == steps - 1:
-            log(f"classifier step {step} loss {loss.item():.4f}")
-    if record:
-        record.flush()
-    return net.eval()
 
 
 def save_classifier(net: AttributeClassifier, path: Path) -> Path:

@@ -20,12 +20,14 @@ import json
 import logging
 import math
 import platform
+import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 from . import checkpoint, evaluate, sampling, speed, tiny, toyworld
 from .files import write_json
@@ -83,6 +85,18 @@ def pictures(seeds) -> tuple[np.ndarray, list[toyworld.Thing]]:
     return np.stack([np.asarray(im) for im, _, _ in examples]), [t for _, t, _ in examples]
 
 
+def batch_loader(data: torch.utils.data.Dataset, *, workers: int):
+    """The items of `data` (each a whole batch) in order, made by `workers` processes (0: this
+    one). Items are numpy arrays and plain objects, passed back pickled: tensors would go through
+    shared memory, which containers often keep at 64 MB."""
+    return torch.utils.data.DataLoader(data, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                       prefetch_factor=4 if workers else None)
+
+
+def _as_is(item):
+    return item
+
+
 class _Batches(torch.utils.data.Dataset):
     """Batch i: the pictures of seeds first + i * size ... first + (i + 1) * size - 1."""
 
@@ -99,7 +113,7 @@ class _Batches(torch.utils.data.Dataset):
 def batches(first: int, size: int, count: int, *, workers: int):
     """`count` batches of toy pictures and what they show, in order, drawn by `workers` processes
     (0: this one); the same pictures whatever the number of workers."""
-    return evaluate.batch_loader(_Batches(first, size, count), workers=workers)
+    return batch_loader(_Batches(first, size, count), workers=workers)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -111,12 +125,16 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def fit(opt: torch.optim.Optimizer, step_fn, *, steps: int, seconds: float | None, warmup: int,
-        record: "Log", device) -> int:
+def fit(opt: torch.optim.Optimizer, step_fn, *, steps: int, seconds: float | None = None, warmup: int = 0,
+        record: "Log", device, scheduler: torch.optim.lr_scheduler.LRScheduler | None = None) -> int:
     """Train: step_fn(step) computes the gradients and returns the loss (a tensor, not read here,
     so a GPU runs ahead), then the optimizer steps. All `steps`, or with a time budget as many as
-    fit in `seconds`, counted from the pace between the CALIBRATION steps. Returns the steps run."""
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, warmup))
+    fit in `seconds`, counted from the pace between the CALIBRATION steps. The learning rate
+    follows lr_factor (`warmup`), or `scheduler`, one made for exactly `steps` (then no budget).
+    Returns the steps run."""
+    if scheduler and seconds is not None:
+        raise ValueError("a scheduler made for a number of steps cannot follow a time budget")
+    sched = scheduler or torch.optim.lr_scheduler.LambdaLR(opt, lambda k: lr_factor(k, steps, warmup))
     started, marks, step = time.time(), {}, 0
     while step < steps:
         loss = step_fn(step)
@@ -390,15 +408,75 @@ def pretrain_unet(out_dir: Path, s: dict, device) -> dict:
                            (("unet", model.unet), ("vae", model.vae), ("text_encoder", model.text_encoder))}}
 
 
+def labels(things: list[toyworld.Thing]) -> dict:
+    return {name: torch.tensor([values.index(getattr(t, name)) for t in things])
+            for name, values in toyworld.ATTRIBUTES.items()}
+
+
+def augment(image: Image.Image, rng: random.Random) -> Image.Image:
+    """Blur and noise, as in pictures decoded from a small VAE."""
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
+    noise = torch.randn(64, 64, 3, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+    arr = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
+    arr = (arr + noise * rng.uniform(0, 12)).clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(arr.numpy())
+
+
+class _ClassifierBatches(torch.utils.data.Dataset):
+    """Batch i of the classifier's training data: fresh toy-world pictures (augmented) mixed half
+    and half with `extra` labelled pictures, drawn by a random generator of (seed, i) alone, so
+    the same whatever the number of workers that draw them. Pixels as uint8 (N, 64, 64, 3)."""
+
+    def __init__(self, extra: list, seed: int, size: int, count: int):
+        self.extra, self.seed, self.size, self.count = extra, seed, size, count
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        rng = random.Random(f"{self.seed}/{i}")
+        batch = []
+        for _ in range(self.size):
+            if self.extra and rng.random() < 0.5:
+                batch.append(rng.choice(self.extra))
+            else:
+                im, thing, _ = toyworld.example(rng.randrange(2**31))
+                batch.append((augment(im, rng), thing))
+        return np.stack([np.asarray(im.convert("RGB")) for im, _ in batch]), [t for _, t in batch]
+
+
+def train_classifier(extra: list[tuple[Image.Image, toyworld.Thing]], *, steps: int, seed: int, record: Log,
+                     device, batch_size: int = 64, workers: int = 0) -> evaluate.AttributeClassifier:
+    """evaluate.py's attribute classifier, on fresh toy-world pictures every step (augmented),
+    mixed with `extra` labelled pictures (VAE reconstructions, so that it knows what decoded
+    pictures look like), drawn by `workers` processes; a one-cycle learning rate up to 3e-3."""
+    torch.manual_seed(seed)
+    net = evaluate.AttributeClassifier().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    data = iter(batch_loader(_ClassifierBatches(list(extra), seed, batch_size, steps), workers=workers))
+
+    def step(_):
+        pixels, things = next(data)
+        logits = net(sampling.from_uint8(pixels, device))
+        target = labels(things)
+        loss = sum(F.cross_entropy(logits[k], target[k].to(device)) for k in logits)
+        loss.backward()
+        return loss.detach()
+
+    fit(opt, step, steps=steps, record=record, device=device,
+        scheduler=torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps))
+    return net.eval()
+
+
 def pretrain_classifier(out_dir: Path, s: dict, device) -> dict:
     model = load(out_dir, device)
     seeds = range(RECONSTRUCTION_SEEDS, RECONSTRUCTION_SEEDS + s["classifier_reconstructions"])
     means, _, things = encode(model.vae, list(seeds), s["workers"])
     with torch.no_grad():
         recon = sampling.to_pil(torch.cat([model.vae.decode(m).sample for m in means.split(256)]))
-    classifier = evaluate.train_classifier(s["classifier_steps"], list(zip(recon, things)), seed=s["seed"],
-                                           log=log.info, device=device, workers=s["workers"],
-                                           record=Log(out_dir / "pretrain-loss.csv", "classifier", s["log_every"]))
+    classifier = train_classifier(list(zip(recon, things)), steps=s["classifier_steps"], seed=s["seed"],
+                                  record=Log(out_dir / "pretrain-loss.csv", "classifier", s["log_every"]),
+                                  device=device, workers=s["workers"])
     evaluate.save_classifier(classifier, out_dir / evaluate.CLASSIFIER_FILE)
     return {"accuracy_on_toy_world": evaluate.accuracy(classifier, range(CLASSIFIER_TEST_SEEDS, CLASSIFIER_TEST_SEEDS + 500))}
 
