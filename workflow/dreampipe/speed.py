@@ -128,8 +128,9 @@ class _UNetCall(torch.nn.Module):
 
 
 def prepare_training(model, settings: dict, device):
-    """Ready a StableDiffusion model, already on `device`, for training; returns the UNet call of
-    the training step: f(noisy latents, timesteps, text context) -> predicted noise."""
+    """Ready a StableDiffusion model for training on `device` (where it is already, or, under DDP,
+    where the strategy moves it next); returns the UNet call of the training step:
+    f(noisy latents, timesteps, text context) -> predicted noise."""
     def plain(sample, timesteps, context):
         return model.unet(sample, timesteps, encoder_hidden_states=context).sample
 

@@ -238,10 +238,14 @@ class DreamBooth(pl.LightningModule):
         self.losses = torch.stack([loss, instance_loss, prior_loss]).detach()  # read by Progress, no sync here
         return loss
 
+    def configure_model(self):
+        # before the strategy's setup, where DDP hooks each weight's gradient as the weight is then:
+        # a weight cast afterwards (bf16) gets gradients that DDP silently never averages
+        self.unet_call = speed.prepare_training(self.sd, self.s, self.trainer.strategy.root_device)
+
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
-        self.unet_call = speed.prepare_training(self.sd, self.s, self.device)
         factor = lr_factor(self.s, self.trainer.world_size, len(self.trainer.datamodule.instance_captions))
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
                    "lr": self.s["learning_rate"] * factor}]
