@@ -501,7 +501,8 @@ def test_the_networks_take_their_training_dtype_before_the_strategy_wraps_them(t
     events = []
     prepare, setup = speed.prepare_training, SingleDeviceStrategy.setup
     monkeypatch.setattr(speed, "prepare_training", lambda *a, **k: (events.append("cast"), prepare(*a, **k))[1])
-    monkeypatch.setattr(SingleDeviceStrategy, "setup", lambda self, trainer: (events.append("wrap"), setup(self, trainer))[1])
+    monkeypatch.setattr(SingleDeviceStrategy, "setup",
+                        lambda self, trainer: (events.append("wrap"), setup(self, trainer))[1])
     run(tiny_model, [(instance, None)], tmp_path, max_steps=1)
     assert events == ["cast", "wrap"]
 

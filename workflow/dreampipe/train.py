@@ -255,7 +255,7 @@ class DreamBooth(pl.LightningModule):
                                   else self.s["text_encoder_learning_rate"]) * factor})
         if factor != 1:
             log.info("learning rate scaled x%g (%s) to %s", factor, self.s["scale_lr"], [g["lr"] for g in groups])
-        optimizer = make_optimizer(groups, self.s, self.device)
+        optimizer = make_optimizer(groups, self.s, self.device, world_size=self.trainer.world_size)
         scheduler = get_scheduler(self.s["lr_scheduler"], optimizer, num_warmup_steps=self.s["lr_warmup_steps"],
                                   num_training_steps=self.s["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -338,7 +338,8 @@ def lr_factor(settings: dict, world_size: int, instance_images: int) -> float:
     return batch * (instance_images if settings["scale_lr"] == "batch_and_images" else 1)
 
 
-def make_optimizer(groups: list[dict], settings: dict, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict], settings: dict, device: torch.device, *,
+                   world_size: int = 1) -> torch.optim.Optimizer:
     if settings["optimizer"] == "adamw8bit":
         try:
             import bitsandbytes
@@ -346,7 +347,7 @@ def make_optimizer(groups: list[dict], settings: dict, device: torch.device) -> 
             raise DreampipeError("train.optimizer is adamw8bit but bitsandbytes is not installed: "
                                  "pip install bitsandbytes (on a CUDA machine), or set train.optimizer: adamw") from None
         return bitsandbytes.optim.AdamW8bit(groups, weight_decay=settings["adam_weight_decay"])
-    return speed.optimizer(groups, settings, device)
+    return speed.optimizer(groups, settings, device, world_size=world_size)
 
 
 def upload(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
