@@ -142,9 +142,11 @@ def test_the_train_rule_asks_snakemake_for_train_devices_gpus(workflow):
 # (the GPU's arithmetic emulated on the CPU) finds batch 1 x 2 accumulated 0.49 of the distance
 # moved away from batch 2 after 3 steps (fp32 on the CPU: 0.22; the CPU test's bound: 0.3), and a
 # wrong global batch (batch 1) or one rank's gradients alone 1.0 away. GPU kernels are not
-# deterministic (atomic adds), so two runs of one command differ too (emulated: 0.25-0.3): DDP must
-# lie within 1.5x the distance of a rerun (+0.1 of the distance moved, for a GPU that repeats
-# itself to the bit) and at most half as far as the wrong global batch.
+# deterministic (atomic adds), so two runs of one command differ too, and any difference in the
+# last bit of one gradient ends 0.25-0.3 of the distance moved away after 3 steps (emulated): DDP
+# must lie within 1.5x the distance of a rerun or 0.4, whichever is larger (0.4: where the GPU
+# repeats itself to the bit but some sum in DDP's path is rounded otherwise), and at most half as
+# far as the wrong global batch.
 DDP_STEPS = 3
 ONE_GPU_RUNS = {"accumulated": dict(batch_size=1, gradient_accumulation_steps=2),
                 "rerun": dict(batch_size=1, gradient_accumulation_steps=2),
@@ -216,12 +218,12 @@ def check_ddp_matches_one_gpu(tiny_model, ddp_model, runs: dict, *logs) -> None:
     moved = test_train.distance(reference, {k: v.to(reference[k].dtype) for k, v in base.items() if k in reference})
     share = {name: round(test_train.distance(weights, reference) / moved, 3)
              for name, weights in {"DDP": load_file(ddp_model), **runs}.items() if name != "accumulated"}
-    bound = round(1.5 * share["rerun"] + 0.1, 3)
+    bound = round(max(1.5 * share["rerun"], 0.4), 3)
     figures = (f"trained UNets against one GPU at batch 1 x 2 accumulated (DDP's global batch and arithmetic), as "
-               f"shares of the distance it moved ({moved:.4g}): DDP {share['DDP']} (bound {bound} = 1.5 x a rerun's "
-               f"{share['rerun']} + 0.1, and under half of batch 1's); one GPU at batch 1, the wrong global batch: "
-               f"{share['batch 1']}; at batch 2: {share['batch 2']} (the GPU's arithmetic emulated on the CPU: DDP 0, "
-               f"a rerun 0.25-0.3, batch 1 1.03, one rank's gradients alone 0.98, batch 2 0.49)")
+               f"shares of the distance it moved ({moved:.4g}): DDP {share['DDP']} (bound {bound}: 1.5 x a rerun's "
+               f"{share['rerun']}, at least 0.4, and under half of batch 1's); one GPU at batch 1, the wrong global "
+               f"batch: {share['batch 1']}; at batch 2: {share['batch 2']} (the GPU's arithmetic emulated on the CPU: "
+               f"DDP 0, a rerun 0.25-0.3, batch 1 1.03, one rank's gradients alone 0.98, batch 2 0.49)")
     print(f"\nGPU ddp, {logs[-1].stem} run: {figures}", flush=True)  # for docs/benchmarks.md (pytest -s)
     assert share["DDP"] <= bound and share["DDP"] < 0.5 * share["batch 1"], f"{figures}\n{tails(*logs)}"
 
