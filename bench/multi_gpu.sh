@@ -14,8 +14,9 @@
 #      over 0.5 for the wrong batch); over more steps runs that differ only in float rounding drift
 #      apart (tiny model on a CPU: DDP 0.22 of the distance moved after 3 steps, 0.72 after 10,
 #      against 1.16 and 1.09 for the wrong batch), so at STEPS steps the two shares are context,
-#      and the check at the CPU test's own bound is its GPU twin, which runs first
-#      (tests/test_gpu_slots.py -k ddp_on_two_gpus: tiny model, 3 steps, about 40 s each).
+#      and the check is the GPU twins of the CPU test, which run first (tests/test_gpu_slots.py
+#      -k ddp_on_two_gpus: tiny model, 3 steps, judged beside one GPU accumulating 2 micro-batches
+#      and its rerun; they print their figures as "GPU ddp: ...", about 2 minutes in all).
 # To fit the call: STEPS (150) steps, NCLASS (16) class images, made once for both characters (both
 # are "woman") by a warm-up run before the timed ones. The warm-up also trains WARM_STEPS (30)
 # steps where no compile cache is on the machine yet (bench/e2e_gpu.sh leaves one; WARM_STEPS=0
@@ -109,7 +110,7 @@ character alice 1 "$STEPS" 2
 # (about 40 s each), before the longer SD-size run
 if [ $((END - $(date +%s))) -gt 90 ]; then
   (cd "$ROOT" && timeout $((END - $(date +%s))) python3 -m pytest -q -m gpu tests/test_gpu_slots.py \
-    -k ddp_on_two_gpus 2>&1 | grep -E "passed|failed|^FAILED|^E |Error" | tail -30)
+    -s -k ddp_on_two_gpus 2>&1 | grep -E "passed|failed|^FAILED|^E |Error|^GPU ddp" | tail -80)
 else
   echo "tests/test_gpu_slots.py -k ddp_on_two_gpus: skipped, the deadline is near"
 fi

@@ -32,6 +32,7 @@ def bench(tmp_path, *args) -> str:
     (["bench/class_images_speed.py", "--size", "tiny", "--compile", "false", "--batch", "2", "--batches", "2",
       "--steps", "2", "--sampler", "dpmsolver++", "--cudnn-benchmark"], "class-images-false-cudnn"),
     (["bench/train_cpu.py", "--short", "1", "--steps", "1"], "tiny model train step"),
+    (["bench/ddp_numerics.py", "--steps", "1", "--noise"], "| one rank |"),
     (["bench/checkpoint_io.py", "--size", "tiny", "--repeat", "1"], "tiny"),
     (["bench/prepare_speed.py", "--photos", "3", "--size", "300x200", "--resolution", "64", "--workers", "1"],
      "dreampipe"),

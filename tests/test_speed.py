@@ -208,3 +208,43 @@ def test_triton_kernel_makes_the_torch_update(device="cpu"):
            "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _low_memory_ddp_rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: a bf16 net under DDP, one step of the low-memory profile's optimizer
+    on this rank's own batch; its weights saved to out/rank.pt."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    speed.bf16_weights = lambda settings, device: True  # the GPU's optimizer, on the CPU
+    net = tiny_net()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    settings = {**config.defaults()["train"], "low_memory": True, "max_grad_norm": 0}
+    opt = speed.optimizer([{"params": list(net.parameters()), "lr": 1e-2}], settings, "cpu", world_size=2)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+
+    def closure():
+        ddp(x).float().square().mean().backward()
+
+    opt.step(closure)
+    torch.save([p.detach().clone() for p in net.parameters()], f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_low_memory_under_ddp_steps_every_rank_with_the_averaged_gradients(tmp_path):
+    """The low-memory profile steps each weight inside the backward, as soon as its gradient is
+    there: under DDP that is before DDP averages it, so each GPU would step with its own gradient
+    and the ranks drift apart (torch runs a weight's post-accumulate hook before DDP's). Under DDP
+    the step waits for the end of the backward; the ranks' weights stay equal."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_low_memory_ddp_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    assert not any(torch.equal(a, b) for a, b in zip(first, tiny_net().parameters())), "the step moved every weight"
+    assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -128,8 +128,9 @@ class _UNetCall(torch.nn.Module):
 
 
 def prepare_training(model, settings: dict, device):
-    """Ready a StableDiffusion model, already on `device`, for training; returns the UNet call of
-    the training step: f(noisy latents, timesteps, text context) -> predicted noise."""
+    """Ready a StableDiffusion model for training on `device` (where it is already, or, under DDP,
+    where the strategy moves it next); returns the UNet call of the training step:
+    f(noisy latents, timesteps, text context) -> predicted noise."""
     def plain(sample, timesteps, context):
         return model.unet(sample, timesteps, encoder_hidden_states=context).sample
 
@@ -161,11 +162,14 @@ def prepare_sampling(model, device, scope: str | None = "blocks") -> None:
         compile_unet(model.unet, scope)
 
 
-def optimizer(groups: list[dict], settings: dict, device) -> torch.optim.Optimizer:
-    """AdamW for the trained parameter groups: AdamWBF16 for bf16 weights, else torch's (fused on GPU)."""
+def optimizer(groups: list[dict], settings: dict, device, *, world_size: int = 1) -> torch.optim.Optimizer:
+    """AdamW for the trained parameter groups: AdamWBF16 for bf16 weights, else torch's (fused on GPU).
+    The low-memory profile steps each weight inside the backward on one process only: under DDP
+    (world_size > 1) that step would come before DDP averages the weight's gradient."""
     if not bf16_weights(settings, device):
         return torch.optim.AdamW(groups, weight_decay=settings["adam_weight_decay"], fused=on_gpu(device))
-    fused_backward = bool(settings.get("low_memory")) and settings["gradient_accumulation_steps"] == 1
+    fused_backward = (bool(settings.get("low_memory")) and settings["gradient_accumulation_steps"] == 1
+                      and world_size == 1)
     if fused_backward and settings["max_grad_norm"]:
         log.warning("low_memory: gradients are applied one weight at a time, so max_grad_norm "
                     "(a norm over all of them) is not applied")

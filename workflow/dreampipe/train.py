@@ -238,10 +238,14 @@ class DreamBooth(pl.LightningModule):
         self.losses = torch.stack([loss, instance_loss, prior_loss]).detach()  # read by Progress, no sync here
         return loss
 
+    def configure_model(self):
+        # before the strategy's setup, where DDP hooks each weight's gradient as the weight is then:
+        # a weight cast afterwards (bf16) gets gradients that DDP silently never averages
+        self.unet_call = speed.prepare_training(self.sd, self.s, self.trainer.strategy.root_device)
+
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
 
-        self.unet_call = speed.prepare_training(self.sd, self.s, self.device)
         factor = lr_factor(self.s, self.trainer.world_size, len(self.trainer.datamodule.instance_captions))
         groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
                    "lr": self.s["learning_rate"] * factor}]
@@ -251,7 +255,7 @@ class DreamBooth(pl.LightningModule):
                                   else self.s["text_encoder_learning_rate"]) * factor})
         if factor != 1:
             log.info("learning rate scaled x%g (%s) to %s", factor, self.s["scale_lr"], [g["lr"] for g in groups])
-        optimizer = make_optimizer(groups, self.s, self.device)
+        optimizer = make_optimizer(groups, self.s, self.device, world_size=self.trainer.world_size)
         scheduler = get_scheduler(self.s["lr_scheduler"], optimizer, num_warmup_steps=self.s["lr_warmup_steps"],
                                   num_training_steps=self.s["max_steps"])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -334,7 +338,8 @@ def lr_factor(settings: dict, world_size: int, instance_images: int) -> float:
     return batch * (instance_images if settings["scale_lr"] == "batch_and_images" else 1)
 
 
-def make_optimizer(groups: list[dict], settings: dict, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict], settings: dict, device: torch.device, *,
+                   world_size: int = 1) -> torch.optim.Optimizer:
     if settings["optimizer"] == "adamw8bit":
         try:
             import bitsandbytes
@@ -342,7 +347,7 @@ def make_optimizer(groups: list[dict], settings: dict, device: torch.device) -> 
             raise DreampipeError("train.optimizer is adamw8bit but bitsandbytes is not installed: "
                                  "pip install bitsandbytes (on a CUDA machine), or set train.optimizer: adamw") from None
         return bitsandbytes.optim.AdamW8bit(groups, weight_decay=settings["adam_weight_decay"])
-    return speed.optimizer(groups, settings, device)
+    return speed.optimizer(groups, settings, device, world_size=world_size)
 
 
 def upload(device, *tensors: torch.Tensor) -> list[torch.Tensor]:
