@@ -76,6 +76,16 @@ def test_a_seed_out_of_range_is_refused_at_load(workflow, where, value, said):
         config.load({}, workflow.path)
 
 
+@pytest.mark.parametrize("where", ["train.sample_steps", "sample.steps", "class_images.steps"])
+def test_more_sampling_steps_than_the_noise_schedule_has_is_refused_at_load(workflow, where):
+    """A DDIM or DPM-Solver++ schedule has at most one step per training timestep (1000): more
+    crashed the sampler (IndexError) after the whole training run."""
+    section, key = where.split(".")
+    write(workflow, **{section: {key: 1001}})
+    with pytest.raises(DreampipeError, match=f"alice.yaml: {where}: 1001 is greater than the maximum of 1000"):
+        config.load({}, workflow.path)
+
+
 @pytest.mark.parametrize("prompt, said", [
     ("a photo of {name}", "has an unknown placeholder {name}; use {token}, {class_word} or {instance_prompt}"),
     ("a photo of {}", "has an unknown placeholder {}"),
