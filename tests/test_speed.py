@@ -245,6 +245,6 @@ def test_low_memory_under_ddp_steps_every_rank_with_the_averaged_gradients(tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_low_memory_ddp_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
-    first, second = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    first, second = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
     assert not any(torch.equal(a, b) for a, b in zip(first, tiny_net().parameters())), "the step moved every weight"
     assert all(torch.equal(a, b) for a, b in zip(first, second))
