@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -250,6 +249,7 @@ def test_ddp_on_two_gpus_resumes_after_a_kill_and_matches_one_gpu(tiny_model, on
     """GPU twin of the CPU test's kill and resume (tests/test_train.py, DDP on two CPU processes):
     both ranks killed after a state save, the same command resumes and lands where one GPU at the
     same global batch does (above)."""
+    import test_train
     from dreampipe import train
 
     subjects, runs = one_gpu
@@ -263,11 +263,8 @@ def test_ddp_on_two_gpus_resumes_after_a_kill_and_matches_one_gpu(tiny_model, on
                        sample_steps=500)
     killed, resumed = folder / "killed.log", folder / "resumed.log"
     proc = launch(cmd, env, killed)
-    state, end = folder / ".state" / train.STATE_FILE, time.time() + 300
-    while not state.exists():
-        assert proc.poll() is None, f"the DDP run ended (exit {proc.returncode}) before a state save\n{tails(killed)}"
-        assert time.time() < end, f"no state saved in 300 s\n{tails(killed)}"
-        time.sleep(0.01)
+    test_train.wait_for((folder / ".state" / train.STATE_FILE).exists, proc, every=0.01,
+                        details=lambda: f"exit {proc.returncode}, no state saved\n{tails(killed)}")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (folder / "model.safetensors").exists(), f"the kill came after the model was written\n{tails(killed)}"

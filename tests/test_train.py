@@ -109,12 +109,15 @@ def start(cmd) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, proc, timeout=300):
+def wait_for(condition, proc, timeout=300, *, every=0.02, details=None):
+    """Until condition() holds, while proc runs. details(): what a failure message adds (default:
+    the tail of proc's stderr pipe)."""
     end = time.time() + timeout
     while not condition():
-        assert proc.poll() is None, f"training ended before the test could interrupt it:\n{proc.communicate()[1][-3000:]}"
-        assert time.time() < end, "timed out"
-        time.sleep(0.02)
+        assert proc.poll() is None, ("training ended before the test could interrupt it:\n"
+                                     + (details() if details else proc.communicate()[1][-3000:]))
+        assert time.time() < end, "timed out" + (f"\n{details()}" if details else "")
+        time.sleep(every)
 
 
 # Everything that carries state across steps is on: class images, EMA, a text encoder that stops
