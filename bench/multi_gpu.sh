@@ -20,7 +20,7 @@
 # To fit the call: STEPS (150) steps, NCLASS (16) class images, made once for both characters (both
 # are "woman") by a warm-up run before the timed ones. The warm-up also trains WARM_STEPS (30)
 # steps where no compile cache is on the machine yet (bench/e2e_gpu.sh leaves one; WARM_STEPS=0
-# skips it). The DDP run runs the UNet as train.compile auto does (CUDA graphs) unless DDP_COMPILE says
+# skips it). PAIR=0 leaves bob and the side-by-side run out (part 2 only). The DDP run runs the UNet as train.compile auto does (CUDA graphs) unless DDP_COMPILE says
 # otherwise. The snakemake calls stop at DEADLINE (420) s after the start, leaving time for the
 # figures: a part that did not finish says so.
 # Works in /tmp/multi (reusing /tmp/base, the base model bench/e2e_gpu.sh builds). Writes
@@ -97,10 +97,10 @@ character alice 1 "${WARM_STEPS:-30}"
 if [ "${WARM_STEPS:-30}" -gt 0 ] && [ ! -d /tmp/e2e-cache/triton ]; then run warmup 1 train; else run warmup 1 class_images; fi
 
 rm -f config/characters/*.yaml
-character alice 1 "$STEPS"; character bob 1 "$STEPS"
+character alice 1 "$STEPS"; [ "${PAIR:-1}" = 1 ] && character bob 1 "$STEPS"
 run one-gpu-in-turn 1 "$UNTIL"; SEQ=$WALL; cp "$OUT/multi-one-gpu-in-turn-alice-train.log" "$OUT/alice-1.log" 2>/dev/null
 keep b1
-run side-by-side 2 "$UNTIL"; PAR=$WALL
+PAR=nan; [ "${PAIR:-1}" = 1 ] && { run side-by-side 2 "$UNTIL"; PAR=$WALL; }
 
 rm -f config/characters/*.yaml
 character alice 2 "$STEPS" 1 "${DDP_COMPILE:-auto}"

@@ -110,7 +110,7 @@ def test_only_adamw_gets_bf16_weights_on_a_gpu():
 
 
 def test_auto_replays_cuda_graphs_on_one_gpu_or_several_and_runs_eagerly_to_save_memory():
-    """Graphs under DDP too (DDP reduces the gradients as the replayed backward hands them over):
+    """Graphs under DDP too (the gradients are averaged after the replayed backward):
     blocks, auto's former choice under DDP, ran 9.8 it/s on one H200 against 22 for graphs."""
     defaults = config.defaults()["train"]
     assert speed.compile_scope(defaults) == "graphs"
@@ -210,33 +210,41 @@ def test_triton_kernel_makes_the_torch_update(device="cpu"):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _low_memory_ddp_rank(rank: int, port: int, out: str) -> None:
-    """One of two gloo ranks: a bf16 net under DDP, one step of the low-memory profile's optimizer
-    on this rank's own batch; its weights saved to out/rank.pt."""
+def _flat_ddp_rank(rank: int, port: int, out: str, low_memory: bool) -> None:
+    """One of two gloo ranks, as train.FlatGradientDDP runs them: no DDP wrapper, the bf16 net's
+    optimizer averages the flat gradients after the backward (the training module's
+    on_after_backward calls after_backward) and steps; this rank's gradient before and after, and
+    its weights after the step, saved to out/rank.pt."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     speed.bf16_weights = lambda settings, device: True  # the GPU's optimizer, on the CPU
     net = tiny_net()
-    ddp = torch.nn.parallel.DistributedDataParallel(net)
-    settings = {**config.defaults()["train"], "low_memory": True, "max_grad_norm": 0}
+    settings = {**config.defaults()["train"], "low_memory": low_memory, "max_grad_norm": 0}
     opt = speed.optimizer([{"params": list(net.parameters()), "lr": 1e-2}], settings, "cpu", world_size=2)
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+    grads = {}
 
     def closure():
-        ddp(x).float().square().mean().backward()
+        opt.before_backward()
+        net(x).float().square().mean().backward()
+        grads["own"] = [p.grad.clone() for p in net.parameters()]
+        opt.after_backward()
+        grads["averaged"] = [p.grad.clone() for p in net.parameters()]
 
+    opt.zero_grad()
     opt.step(closure)
-    torch.save([p.detach().clone() for p in net.parameters()], f"{out}/{rank}.pt")
+    torch.save({**grads, "weights": [p.detach().clone() for p in net.parameters()]}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_low_memory_under_ddp_steps_every_rank_with_the_averaged_gradients(tmp_path):
-    """The low-memory profile steps each weight inside the backward, as soon as its gradient is
-    there: under DDP that is before DDP averages it, so each GPU would step with its own gradient
-    and the ranks drift apart (torch runs a weight's post-accumulate hook before DDP's). Under DDP
-    the step waits for the end of the backward; the ranks' weights stay equal."""
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_two_ranks_step_with_their_averaged_flat_gradients_and_stay_equal(low_memory, tmp_path):
+    """Under DDP with bf16 weights (train.FlatGradientDDP) AdamWBF16 averages its flat gradient
+    buffers over the ranks itself, one all-reduce a group, in place of DDP's reducer, so every
+    rank steps with the mean gradient and their weights stay equal. The low-memory profile too:
+    its step inside the backward would come before the averaging, so under DDP it steps after."""
     import socket
 
     import torch.multiprocessing as mp
@@ -244,7 +252,11 @@ def test_low_memory_under_ddp_steps_every_rank_with_the_averaged_gradients(tmp_p
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_low_memory_ddp_rank, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_flat_ddp_rank, args=(port, str(tmp_path), low_memory), nprocs=2, start_method="spawn")
     first, second = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
-    assert not any(torch.equal(a, b) for a, b in zip(first, tiny_net().parameters())), "the step moved every weight"
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for a, b, mean0, mean1 in zip(first["own"], second["own"], first["averaged"], second["averaged"]):
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(mean0, ((a.float() + b.float()) / 2).to(torch.bfloat16), rtol=2**-8, atol=0)
+        assert torch.equal(mean0, mean1)
+    assert not any(torch.equal(a, b) for a, b in zip(first["weights"], tiny_net().parameters())), "the step moved every weight"
+    assert all(torch.equal(a, b) for a, b in zip(first["weights"], second["weights"]))

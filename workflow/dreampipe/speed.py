@@ -39,8 +39,8 @@ REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 def compile_scope(settings: dict) -> str | None:
     """`train.compile`: graphs = the UNet's forward and backward replayed as CUDA graphs, nothing
     compiled; blocks = each repeated block compiled alone; unet = the whole UNet compiled, with CUDA
-    graphs; false = eager. auto = graphs, on one GPU or under DDP (which reduces the gradients as
-    the replayed backward hands them over); eager in the low-memory profile (whose per-weight
+    graphs; false = eager. auto = graphs, on one GPU or under DDP (train.FlatGradientDDP averages
+    the gradients after the replayed backward); eager in the low-memory profile (whose per-weight
     optimizer steps run inside the eager backward) and with gradient checkpointing (which
     recomputes activations in the backward: a memory setting, not a speed one)."""
     scope = settings.get("compile", "auto")
@@ -174,7 +174,8 @@ def optimizer(groups: list[dict], settings: dict, device, *, world_size: int = 1
         log.warning("low_memory: gradients are applied one weight at a time, so max_grad_norm "
                     "(a norm over all of them) is not applied")
     return AdamWBF16(groups, weight_decay=settings["adam_weight_decay"], seed=settings["seed"],
-                     fused_backward=fused_backward, accumulation_steps=settings["gradient_accumulation_steps"])
+                     fused_backward=fused_backward, accumulation_steps=settings["gradient_accumulation_steps"],
+                     world_size=world_size)
 
 
 # -- AdamW on bf16 weights ----------------------------------------------------------------------
@@ -257,16 +258,22 @@ class AdamWBF16(torch.optim.Optimizer):
     bytes a weight) instead of in bf16, where small contributions to a large sum vanish: the
     training module calls before_backward() and after_backward() around each micro-batch's
     backward, and zero_grad() starts a window. The last micro-batch adds to the fp32 sum rounded
-    once, so DDP, which reduces the gradient of the last backward, reduces the whole sum."""
+    once.
+
+    With world_size > 1 (train.FlatGradientDDP: DDP without torch's wrapper) after_backward
+    averages the window's gradients over the ranks: one all-reduce of each trained group's flat
+    buffer, in place of DDP's reducer and its hook on every weight."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, seed: int = 0, fused_backward: bool = False,
-                 accumulation_steps: int = 1):
+                 accumulation_steps: int = 1, world_size: int = 1):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         if fused_backward and accumulation_steps > 1:
             raise ValueError("AdamWBF16: fused_backward cannot accumulate gradients")
         device = self.param_groups[0]["params"][0].device
-        self.fused_backward, self.accumulation_steps = fused_backward, accumulation_steps
+        if fused_backward and world_size > 1:
+            raise ValueError("AdamWBF16: fused_backward would step before the gradients are averaged over the ranks")
+        self.fused_backward, self.accumulation_steps, self.world_size = fused_backward, accumulation_steps, world_size
         self.seed = (seed + 2**31) % 2**32 - 2**31  # as int32 (the schema allows up to 2**32 - 1)
         self._micro = 0  # backward passes since zero_grad
         self._step = torch.zeros((), device=device)
@@ -365,12 +372,18 @@ class AdamWBF16(torch.optim.Optimizer):
     @torch.no_grad()
     def after_backward(self):
         """After a micro-batch's backward: add its gradients to the fp32 sum (but the last's, which
-        the step takes from the bf16 gradients)."""
+        the step takes from the bf16 gradients); after the last, average them over the ranks."""
         if self.accumulation_steps > 1 and self._micro < self.accumulation_steps - 1:
             self._collect_grads()
             for flat in self._flat:
                 flat["grad_sum"].add_(flat["grad"]) if self._micro else flat["grad_sum"].copy_(flat["grad"])
         self._micro += 1
+        if self.world_size > 1 and self._micro == self.accumulation_steps:
+            self._collect_grads()
+            for i, flat in enumerate(self._flat):
+                if self._runs(i):  # a frozen group (the text encoder after text_encoder_steps) has none
+                    flat["grad"].div_(self.world_size)  # as DDP: divide, then sum
+                    torch.distributed.all_reduce(flat["grad"])
 
     def zero_grad(self, set_to_none: bool = True):
         """Gradients stay views of the flat buffer (autograd accumulates into them in place), but

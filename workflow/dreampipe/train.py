@@ -602,6 +602,27 @@ class StayOnDevice(pl.strategies.SingleDeviceStrategy):
         self.checkpoint_io.teardown()
 
 
+class FlatGradientDDP(pl.strategies.DDPStrategy):
+    """DDP without torch's DistributedDataParallel wrapper, for bf16 weights: AdamWBF16 holds each
+    group's gradients in one flat buffer and averages it over the ranks itself, one all-reduce
+    after the backward, where DDP's reducer hooks every weight (686 in the UNet) and reduces them in
+    25 MB buckets (on two H200s 1.39x the images a second of one GPU). The ranks start from the same
+    file, cast alike, and step alike, so their weights stay equal without DDP's broadcast."""
+
+    def configure_ddp(self) -> None:
+        pass
+
+
+def strategy(settings: dict, world: int, one_gpu: bool):
+    if world == 1:
+        return StayOnDevice(torch.device("cuda", 0)) if one_gpu else "auto"
+    if torch.cuda.is_available() and speed.bf16_weights(settings, "cuda"):
+        return FlatGradientDDP()
+    # after text_encoder_steps the text encoder gets no gradients, which DDP must be told
+    te_stops = settings["train_text_encoder"] and settings["text_encoder_steps"] is not None
+    return "ddp_find_unused_parameters_true" if te_stops else "ddp"
+
+
 def fingerprint(settings: dict, inputs: list[Path], world_size: int, *, cache: Path) -> str:
     """What shaped this run's weights: the training settings and the content of every input, each
     hashed as a stream once and kept in `cache` by (path, size, mtime), so a resume does not read
@@ -694,12 +715,9 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
                  SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"]), saver, writer]
     if logger:
         callbacks.append(pl.callbacks.LearningRateMonitor("step"))
-    # after text_encoder_steps the text encoder gets no gradients, which DDP must be told
-    te_stops = settings["train_text_encoder"] and settings["text_encoder_steps"] is not None
-    strategy = (("ddp_find_unused_parameters_true" if te_stops else "ddp") if world > 1
-                else StayOnDevice(torch.device("cuda", 0)) if one_gpu else "auto")
     trainer = pl.Trainer(
-        max_steps=settings["max_steps"], accelerator="auto", devices=settings["devices"], strategy=strategy,
+        max_steps=settings["max_steps"], accelerator="auto", devices=settings["devices"],
+        strategy=strategy(settings, world, one_gpu),
         precision=precision(settings["precision"]),
         accumulate_grad_batches=settings["gradient_accumulation_steps"],
         gradient_clip_val=settings["max_grad_norm"] or None,
