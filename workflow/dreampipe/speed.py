@@ -229,15 +229,6 @@ def _gpu_update(device, seed: int):
         return adamw_sr_
 
 
-def average(t: torch.Tensor, world_size: int) -> None:
-    """All-reduce t to its mean over the ranks: NCCL averages in the reduction (no pass of its own
-    over the gradients, 1.7 GB at SD size); gloo (CPU) sums, after a division as DDP's."""
-    if torch.distributed.get_backend() == "nccl":
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
-    else:
-        torch.distributed.all_reduce(t.div_(world_size))
-
-
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """The elements of a dense tensor (contiguous or channels-last) in memory order."""
     return t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
@@ -391,7 +382,8 @@ class AdamWBF16(torch.optim.Optimizer):
             self._collect_grads()
             for i, flat in enumerate(self._flat):
                 if self._runs(i):  # a frozen group (the text encoder after text_encoder_steps) has none
-                    average(flat["grad"], self.world_size)
+                    flat["grad"].div_(self.world_size)  # as DDP: divide, then sum
+                    torch.distributed.all_reduce(flat["grad"])
 
     def zero_grad(self, set_to_none: bool = True):
         """Gradients stay views of the flat buffer (autograd accumulates into them in place), but
