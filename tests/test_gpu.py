@@ -355,18 +355,25 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @gpu
-@pytest.mark.parametrize("scope", ["graphs"])  # "blocks" (DDP's default) adds about a minute of compiling
-def test_compiled_training_step_matches_eager_at_sd_size(scope):
+@pytest.mark.parametrize("scope,flat", [("graphs", True), ("graphs", False)])  # "blocks" adds a minute of compiling
+def test_compiled_training_step_matches_eager_at_sd_size(scope, flat):
     """The UNet call of the training step (bf16 weights, channels-last) replayed as CUDA graphs
     (train.compile auto on one GPU), or with its blocks compiled, computes the loss and gradients
-    of the eager step, to bf16 accuracy."""
+    of the eager step, to bf16 accuracy. flat: the weights' gradients are views into AdamWBF16's
+    flat buffer, as in training, and the backward graph adds into them (speed.FlatGradients:
+    autograd accumulates nothing); else torch's make_graphed_callables."""
     import copy
 
     settings = {**test_train.settings(), "compile": scope, "low_memory": False}
     fast = sd1_model()
     slow = copy.deepcopy(fast)
     fast_call = speed.prepare_training(fast, settings, "cuda")
+    fast_call.flat = flat
     slow_call = speed.prepare_training(slow, {**settings, "compile": False}, "cuda")
+    opt = speed.AdamWBF16([{"params": list(fast.unet.parameters())}]) if flat else None
+    accumulated = []
+    for p in fast.unet.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 4, 64, 64, generator=g, device="cuda")
     noise = torch.randn(2, 4, 64, 64, generator=g, device="cuda")
@@ -374,8 +381,10 @@ def test_compiled_training_step_matches_eager_at_sd_size(scope):
     t = torch.tensor([10, 900], device="cuda")
 
     def step(model, call):
+        if model is fast and opt:
+            opt.zero_grad()
         for p in model.unet.parameters():
-            p.grad = None
+            p.grad = p.grad if model is fast and opt else None
         with torch.autocast("cuda", torch.bfloat16):  # as Lightning's bf16-mixed
             pred = call(x, t, context)
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
@@ -389,10 +398,11 @@ def test_compiled_training_step_matches_eager_at_sd_size(scope):
     warm_s = time.perf_counter() - t0
     loss_s, grad_s = step(slow, slow_call)
     cosine = float(torch.nn.functional.cosine_similarity(grad_f, grad_s, dim=0))
-    report(f"{scope}_vs_eager_training_step", loss_relative=relative(loss_f, loss_s),
+    report(f"{scope}{'_flat' if flat else ''}_vs_eager_training_step", loss_relative=relative(loss_f, loss_s),
            grad_relative=relative(grad_f, grad_s), grad_cosine=cosine, capture_or_compile_and_3_steps_s=round(warm_s, 1))
     assert relative(loss_f, loss_s) < 1e-2
     assert cosine > 0.999
+    assert bool(accumulated) != flat, "with flat gradients autograd accumulates none"
 
 
 @gpu

@@ -13,9 +13,11 @@ Sampling on a GPU: bf16, channels-last; the UNet compiled block by block for lon
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 log = logging.getLogger("dreampipe.speed")
 
@@ -90,16 +92,27 @@ def eager():
     return torch.compiler.set_stance("force_eager")
 
 
-class GraphedUNet:
-    """The UNet's training forward and backward replayed as CUDA graphs (make_graphed_callables):
-    the eager step is launch-bound (thousands of small kernels), and this removes the launches
-    without compiling anything. A graph has fixed shapes: one is captured per input signature
-    (e.g. the text context needs a gradient until text_encoder_steps, then not). It runs in the
-    UNet's bf16 without autocast; fp32 weights keep the step's autocast, without its cache, which
-    graphs cannot hold."""
+# weight -> the view of AdamWBF16's flat gradient buffer that stays its .grad (zero_grad included)
+FLAT_GRADS = WeakIdKeyDictionary()
 
-    def __init__(self, unet: torch.nn.Module):
-        self.unet, self.graphs = unet, {}
+
+class GraphedUNet:
+    """The UNet's training forward and backward replayed as CUDA graphs: the eager step is
+    launch-bound (thousands of small kernels), and this removes the launches without compiling
+    anything. A graph has fixed shapes: one is captured per input signature (e.g. the text context
+    needs a gradient until text_encoder_steps, then not). It runs in the UNet's bf16 without
+    autocast; fp32 weights keep the step's autocast, without its cache, which graphs cannot hold.
+
+    With flat, where every trained weight's .grad is a view into AdamWBF16's flat buffer for good
+    (FLAT_GRADS; bf16 weights, the default), the backward graph adds the weights' gradients into
+    those views itself and autograd never sees the weights (FlatGradients), which would save the
+    AccumulateGrad of each of the UNet's 686 weights: about 10 ms of CPU in a 45 ms step
+    (torch.profiler, docs/benchmarks.md). Otherwise torch's make_graphed_callables. flat is off in
+    training until it has run on a GPU (DREAMPIPE_FLAT_GRADIENTS=1 turns it on, for the benches
+    and the GPU twin). capture=False runs FlatGradients eagerly (the CPU tests)."""
+
+    def __init__(self, unet: torch.nn.Module, flat: bool = False, capture: bool = True):
+        self.unet, self.graphs, self.flat, self.capture = unet, {}, flat, capture
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
@@ -110,10 +123,17 @@ class GraphedUNet:
         mixed = dtype == torch.float32 and torch.is_autocast_enabled("cuda")
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=mixed, cache_enabled=False):
             if key not in self.graphs:
-                statics = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
-                self.graphs[key] = torch.cuda.make_graphed_callables(_UNetCall(self.unet), statics,
-                                                                     allow_unused_input=True)
+                self.graphs[key] = self._graph(args)
             return self.graphs[key](*args)
+
+    def _graph(self, args):
+        call = _UNetCall(self.unet)
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        grads = [FLAT_GRADS.get(p) for p in params]
+        if self.flat and all(g is not None for g in grads):
+            return FlatGradients(call, args, params, grads, capture=self.capture)
+        statics = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
+        return torch.cuda.make_graphed_callables(call, statics, allow_unused_input=True)
 
 
 class _UNetCall(torch.nn.Module):
@@ -125,6 +145,80 @@ class _UNetCall(torch.nn.Module):
 
     def forward(self, sample, timesteps, context):
         return self.unet(sample, timesteps, encoder_hidden_states=context, return_dict=False)[0]
+
+
+class FlatGradients:
+    """fn(*inputs) whose backward adds the gradients of `params` into `grads` (one foreach add, in
+    the backward's CUDA graph) instead of handing them to autograd, which then runs nothing for
+    the weights. Inputs that require a gradient get theirs through autograd as usual. With
+    capture, the forward and the backward are CUDA graphs replayed on static copies of the inputs
+    (as torch.cuda.make_graphed_callables: warm-up on a side stream, one memory pool); without,
+    they run eagerly."""
+
+    def __init__(self, fn, args, params: list, grads: list, capture: bool = True):
+        self.fn, self.params, self.grads, self.capture = fn, params, grads, capture
+        self.anchor = torch.zeros((), requires_grad=True)  # so the output needs a gradient without the weights
+        if not capture:
+            return
+        self.inputs = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
+        torch.cuda.synchronize()
+        with torch.cuda.stream(torch.cuda.Stream()):
+            for _ in range(3):
+                out = fn(*self.inputs)
+                torch.autograd.grad(out, [i for i in self.inputs if i.requires_grad] + params,
+                                    torch.empty_like(out), allow_unused=True)
+        torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.fwd, pool=pool):
+            self.out = fn(*self.inputs)
+        self.grad_out = torch.empty_like(self.out)
+        with torch.cuda.graph(self.bwd, pool=pool):
+            self.input_grads = self._backward(self.grad_out)
+
+    def __call__(self, *args):
+        return _FlatGradientsCall.apply(self, self.anchor, *args)
+
+    def forward(self, *args):
+        if self.capture:
+            for static, a in zip(self.inputs, args):
+                if static.data_ptr() != a.data_ptr():
+                    static.copy_(a)
+            self.fwd.replay()
+            return self.out.detach()
+        self.inputs = [a.detach().requires_grad_(a.requires_grad) for a in args]
+        with torch.enable_grad():
+            self.out = self.fn(*self.inputs)
+        return self.out.detach()
+
+    def backward(self, grad_out):
+        if self.capture:
+            self.grad_out.copy_(grad_out)
+            self.bwd.replay()
+            return tuple(g.detach() if g is not None else None for g in self.input_grads)
+        grads = self._backward(grad_out)
+        self.inputs = self.out = None
+        return grads
+
+    def _backward(self, grad_out):
+        needs = [i for i in self.inputs if i.requires_grad]
+        grads = torch.autograd.grad(self.out, needs + self.params, grad_out, allow_unused=True)
+        pairs = [(acc, g) for acc, g in zip(self.grads, grads[len(needs):]) if g is not None]
+        torch._foreach_add_([acc for acc, _ in pairs], [g for _, g in pairs])
+        given = iter(grads[:len(needs)])
+        return tuple(next(given) if i.requires_grad else None for i in self.inputs)
+
+
+class _FlatGradientsCall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, runner, anchor, *args):
+        ctx.runner = runner
+        return runner.forward(*args)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        return (None, None, *ctx.runner.backward(grad_out))
 
 
 def prepare_training(model, settings: dict, device):
@@ -145,7 +239,7 @@ def prepare_training(model, settings: dict, device):
         model.unet.enable_gradient_checkpointing()
     scope = compile_scope(settings)
     if scope == "graphs":
-        return GraphedUNet(model.unet)
+        return GraphedUNet(model.unet, flat=os.environ.get("DREAMPIPE_FLAT_GRADIENTS") == "1")
     if scope:
         compile_unet(model.unet, scope)
     return plain
@@ -297,6 +391,7 @@ class AdamWBF16(torch.optim.Optimizer):
                     view["param"].copy_(p.detach())
                     p.data, p.grad = view.pop("param"), view.pop("grad")
                     self._grads.append((p, p.grad))
+                    FLAT_GRADS[p] = p.grad
                 else:
                     p.register_post_accumulate_grad_hook(self._step_one(i))
                 self.state[p] = {"exp_avg": view["exp_avg"], "exp_avg_sq": view["exp_avg_sq"], "step": self._step}
