@@ -12,6 +12,7 @@ Sampling on a GPU: bf16, channels-last; the UNet compiled block by block for lon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -47,8 +48,16 @@ def compile_scope(settings: dict) -> str | None:
     recomputes activations in the backward: a memory setting, not a speed one)."""
     scope = settings.get("compile", "auto")
     if scope == "auto":
-        return None if settings.get("low_memory") or settings.get("gradient_checkpointing") else "graphs"
+        if settings.get("low_memory"):
+            return "graphs" if flat_gradients() else None
+        return None if settings.get("gradient_checkpointing") else "graphs"
     return scope or None
+
+
+def flat_gradients() -> bool:
+    """GraphedUNet with FlatGradients, in the default profile and the low-memory one: off until
+    it has run on a GPU (docs/benchmarks.md); DREAMPIPE_FLAT_GRADIENTS=1 turns it on."""
+    return os.environ.get("DREAMPIPE_FLAT_GRADIENTS") == "1"
 
 
 def compile_unet(unet: torch.nn.Module, scope: str) -> None:
@@ -94,6 +103,20 @@ def eager():
 
 # weight -> the view of AdamWBF16's flat gradient buffer that stays its .grad (zero_grad included)
 FLAT_GRADS = WeakIdKeyDictionary()
+# weights AdamWBF16 updates inside the backward, in a hook on each (fused_backward)
+STEPPED_IN_BACKWARD = WeakIdKeyDictionary()
+_DRY_RUN = [False]
+
+
+@contextlib.contextmanager
+def dry_run():
+    """The hooks of STEPPED_IN_BACKWARD drop each gradient without updating its weight (a CUDA
+    graph's warm-up)."""
+    _DRY_RUN[0] = True
+    try:
+        yield
+    finally:
+        _DRY_RUN[0] = False
 
 
 class GraphedUNet:
@@ -107,9 +130,11 @@ class GraphedUNet:
     (FLAT_GRADS; bf16 weights, the default), the backward graph adds the weights' gradients into
     those views itself and autograd never sees the weights (FlatGradients), which would save the
     AccumulateGrad of each of the UNet's 686 weights: about 10 ms of CPU in a 45 ms step
-    (torch.profiler, docs/benchmarks.md). Otherwise torch's make_graphed_callables. flat is off in
-    training until it has run on a GPU (DREAMPIPE_FLAT_GRADIENTS=1 turns it on, for the benches
-    and the GPU twin). capture=False runs FlatGradients eagerly (the CPU tests)."""
+    (torch.profiler, docs/benchmarks.md); where AdamWBF16 updates each weight inside the backward
+    (STEPPED_IN_BACKWARD: the low-memory profile) the graph holds those updates, whose Python
+    (eager UNet twice under checkpointing, 686 hooks) made that profile's step CPU-bound: 318 ms
+    for 48 ms of GPU work. Otherwise torch's make_graphed_callables. flat is off until it has run
+    on a GPU (flat_gradients()). capture=False runs FlatGradients eagerly (the CPU tests)."""
 
     def __init__(self, unet: torch.nn.Module, flat: bool = False, capture: bool = True):
         self.unet, self.graphs, self.flat, self.capture = unet, {}, flat, capture
@@ -131,7 +156,9 @@ class GraphedUNet:
         params = [p for p in self.unet.parameters() if p.requires_grad]
         grads = [FLAT_GRADS.get(p) for p in params]
         if self.flat and all(g is not None for g in grads):
-            return FlatGradients(call, args, params, grads, capture=self.capture)
+            return FlatGradients(call, params, grads, capture=self.capture)
+        if self.flat and all(p in STEPPED_IN_BACKWARD for p in params):
+            return FlatGradients(call, params, None, capture=self.capture)
         statics = tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args)
         return torch.cuda.make_graphed_callables(call, statics, allow_unused_input=True)
 
@@ -148,36 +175,52 @@ class _UNetCall(torch.nn.Module):
 
 
 class FlatGradients:
-    """fn(*inputs) whose backward adds the gradients of `params` into `grads` (one foreach add, in
-    the backward's CUDA graph) instead of handing them to autograd, which then runs nothing for
-    the weights. Inputs that require a gradient get theirs through autograd as usual. With
-    capture, the forward and the backward are CUDA graphs replayed on static copies of the inputs
-    (as torch.cuda.make_graphed_callables: warm-up on a side stream, one memory pool); without,
-    they run eagerly."""
+    """fn(*inputs) whose backward hands the weights' gradients (`params`) not to autograd but
+    adds them into `grads` (one foreach add), or, with grads None, accumulates them as autograd
+    does, where the optimizer's hooks (fused_backward: the low-memory profile) update each weight
+    and drop its gradient. Inputs that require a gradient get theirs through autograd as usual.
+    With capture, the forward and the backward, updates included, are CUDA graphs replayed on
+    static copies of the inputs (as torch.cuda.make_graphed_callables: warm-up on a side stream,
+    one memory pool), so no Python runs for the UNet's modules, weights or hooks; without, they run
+    eagerly. With the hooks the first call runs eagerly: its updates are real, and they compile the
+    optimizer's kernels before a capture, which must not."""
 
-    def __init__(self, fn, args, params: list, grads: list, capture: bool = True):
+    def __init__(self, fn, params: list, grads: list | None, capture: bool = True):
         self.fn, self.params, self.grads, self.capture = fn, params, grads, capture
         self.anchor = torch.zeros((), requires_grad=True)  # so the output needs a gradient without the weights
-        if not capture:
-            return
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.capture and self.calls == 1:
+            if self.grads is None:
+                return self.fn(*args)
+            self._capture(args)
+        elif self.capture and self.calls == 2 and self.grads is None:
+            self._capture(args)
+        return _FlatGradientsCall.apply(self, self.anchor, *args)
+
+    def _capture(self, args):
         self.inputs = [a.detach().clone().requires_grad_(a.requires_grad) for a in args]
         torch.cuda.synchronize()
-        with torch.cuda.stream(torch.cuda.Stream()):
-            for _ in range(3):
-                out = fn(*self.inputs)
-                torch.autograd.grad(out, [i for i in self.inputs if i.requires_grad] + params,
-                                    torch.empty_like(out), allow_unused=True)
+        with torch.cuda.stream(torch.cuda.Stream()), dry_run():
+            for _ in range(3 if self.grads is not None else 1):
+                out = self.fn(*self.inputs)
+                needs = [i for i in self.inputs if i.requires_grad]
+                if self.grads is None:  # hooks drop each gradient: the low-memory peak
+                    torch.autograd.backward(out, torch.zeros_like(out), inputs=needs + self.params)
+                else:
+                    torch.autograd.grad(out, needs + self.params, torch.zeros_like(out), allow_unused=True)
+                for i in needs:
+                    i.grad = None
         torch.cuda.synchronize()
         pool = torch.cuda.graph_pool_handle()
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.fwd, pool=pool):
-            self.out = fn(*self.inputs)
+            self.out = self.fn(*self.inputs)
         self.grad_out = torch.empty_like(self.out)
         with torch.cuda.graph(self.bwd, pool=pool):
             self.input_grads = self._backward(self.grad_out)
-
-    def __call__(self, *args):
-        return _FlatGradientsCall.apply(self, self.anchor, *args)
 
     def forward(self, *args):
         if self.capture:
@@ -202,10 +245,14 @@ class FlatGradients:
 
     def _backward(self, grad_out):
         needs = [i for i in self.inputs if i.requires_grad]
-        grads = torch.autograd.grad(self.out, needs + self.params, grad_out, allow_unused=True)
-        pairs = [(acc, g) for acc, g in zip(self.grads, grads[len(needs):]) if g is not None]
-        torch._foreach_add_([acc for acc, _ in pairs], [g for _, g in pairs])
-        given = iter(grads[:len(needs)])
+        if self.grads is None:
+            torch.autograd.backward(self.out, grad_out, inputs=needs + self.params)
+            given = iter([i.grad for i in needs])
+        else:
+            grads = torch.autograd.grad(self.out, needs + self.params, grad_out, allow_unused=True)
+            pairs = [(acc, g) for acc, g in zip(self.grads, grads[len(needs):]) if g is not None]
+            torch._foreach_add_([acc for acc, _ in pairs], [g for _, g in pairs])
+            given = iter(grads[:len(needs)])
         return tuple(next(given) if i.requires_grad else None for i in self.inputs)
 
 
@@ -239,7 +286,7 @@ def prepare_training(model, settings: dict, device):
         model.unet.enable_gradient_checkpointing()
     scope = compile_scope(settings)
     if scope == "graphs":
-        return GraphedUNet(model.unet, flat=os.environ.get("DREAMPIPE_FLAT_GRADIENTS") == "1")
+        return GraphedUNet(model.unet, flat=flat_gradients())
     if scope:
         compile_unet(model.unet, scope)
     return plain
@@ -394,6 +441,7 @@ class AdamWBF16(torch.optim.Optimizer):
                     FLAT_GRADS[p] = p.grad
                 else:
                     p.register_post_accumulate_grad_hook(self._step_one(i))
+                    STEPPED_IN_BACKWARD[p] = True
                 self.state[p] = {"exp_avg": view["exp_avg"], "exp_avg_sq": view["exp_avg_sq"], "step": self._step}
                 self._offset[p] = torch.tensor(offset + at, dtype=torch.int32, device=device)
                 slots.append((p, at, at + _slot(p)))
@@ -410,6 +458,9 @@ class AdamWBF16(torch.optim.Optimizer):
     def _step_one(self, i):
         @torch.no_grad()
         def hook(p):
+            if _DRY_RUN[0]:
+                p.grad = None
+                return
             st = self.state[p]
             self._update_slice(i, _flat(p), _flat(p.grad), _flat(st["exp_avg"]), _flat(st["exp_avg_sq"]), self._offset[p])
             p.grad = None
