@@ -148,6 +148,8 @@ class GraphedUNet:
         mixed = dtype == torch.float32 and torch.is_autocast_enabled("cuda")
         with torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=mixed, cache_enabled=False):
             if key not in self.graphs:
+                if self.flat:  # a signature does not come back (the text encoder stops once): its memory goes
+                    self.graphs.clear()
                 self.graphs[key] = self._graph(args)
             return self.graphs[key](*args)
 
