@@ -380,24 +380,31 @@ def test_compiled_training_step_matches_eager_at_sd_size(scope, flat):
     context = torch.randn(2, 77, 768, generator=g, device="cuda")
     t = torch.tensor([10, 900], device="cuda")
 
-    def step(model, call):
-        if model is fast and opt:
+    def step(model, call, zero=True):
+        """Loss, the weights' gradients and the text context's (it needs one, as while the text
+        encoder trains)."""
+        if model is fast and opt and zero:
             opt.zero_grad()
         for p in model.unet.parameters():
             p.grad = p.grad if model is fast and opt else None
+        c = context.clone().requires_grad_()
         with torch.autocast("cuda", torch.bfloat16):  # as Lightning's bf16-mixed
-            pred = call(x, t, context)
+            pred = call(x, t, c)
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
-        return loss.detach().clone(), torch.cat([p.grad.float().flatten() for p in model.unet.parameters()])
+        return loss.detach().clone(), torch.cat([p.grad.float().flatten() for p in model.unet.parameters()]), c.grad
 
     t0 = time.perf_counter()
-    for _ in range(3):  # capture or compile, then replay
-        loss_f, grad_f = step(fast, fast_call)
+    firsts = [step(fast, fast_call) for _ in range(3)]  # capture or compile, then replay
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
-    loss_s, grad_s = step(slow, slow_call)
+    loss_f, grad_f, context_f = firsts[-1]
+    loss_s, grad_s, context_s = step(slow, slow_call)
     cosine = float(torch.nn.functional.cosine_similarity(grad_f, grad_s, dim=0))
+    assert relative(context_f, context_s) < 0.05
+    assert relative(firsts[0][1], grad_f) < 1e-2, "the capture leaves nothing in the first step's gradients (atomics aside)"
+    if flat:  # a second backward without zero_grad adds to the buffer, as micro-batches accumulate
+        assert relative(step(fast, fast_call, zero=False)[1], 2 * grad_f) < 1e-2
     report(f"{scope}{'_flat' if flat else ''}_vs_eager_training_step", loss_relative=relative(loss_f, loss_s),
            grad_relative=relative(grad_f, grad_s), grad_cosine=cosine, capture_or_compile_and_3_steps_s=round(warm_s, 1))
     assert relative(loss_f, loss_s) < 1e-2

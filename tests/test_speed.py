@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from dreampipe import checkpoint, config, speed
@@ -263,8 +264,62 @@ def _flat_ddp_rank(rank: int, port: int, out: str, low_memory: bool) -> None:
 
     opt.zero_grad()
     opt.step(closure)
-    torch.save({**grads, "weights": [p.detach().clone() for p in net.parameters()]}, f"{out}/{rank}.pt")
+    torch.save({**grads, "weights": [p.detach().clone() for p in net.parameters()], "fused": opt.fused_backward},
+               f"{out}/{rank}.pt")
     dist.destroy_process_group()
+
+
+class _RankModule(pl.LightningModule):
+    """A bf16 net trained as DreamBooth trains (AdamWBF16, its accumulation hooks), each rank on
+    its own data; its weights, and the gradient norms the optimizer saw, saved at the end."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out, self.net, self.norms = out, tiny_net(), []
+
+    def setup(self, stage):
+        if self.global_rank == 1:  # a rank that loaded other weights: the strategy starts it from rank 0's
+            with torch.no_grad():
+                next(self.net.parameters()).add_(1)
+
+    def training_step(self, batch, i):
+        g = torch.Generator().manual_seed(1000 * self.global_rank + i)
+        return self.net(torch.randn(2, 3, 6, 6, generator=g).to(torch.bfloat16)).float().square().mean()
+
+    def configure_optimizers(self):
+        return speed.AdamWBF16([{"params": list(self.net.parameters()), "lr": 1e-2}], accumulation_steps=2,
+                               world_size=self.trainer.world_size)
+
+    def on_before_backward(self, loss):
+        self.trainer.optimizers[0].before_backward()
+
+    def on_after_backward(self):
+        self.trainer.optimizers[0].after_backward()
+
+    def on_before_optimizer_step(self, optimizer):
+        self.norms.append(float(torch.cat([p.grad.float().flatten() for p in self.net.parameters()]).norm()))
+
+    def on_train_end(self):
+        torch.save({"weights": [p.detach().clone() for p in self.net.parameters()], "norms": self.norms},
+                   f"{self.out}/{self.global_rank}.pt")
+
+
+def test_flat_gradient_ddp_trains_two_ranks_alike_through_lightning(tmp_path):
+    """train.FlatGradientDDP (DDP without torch's wrapper: AdamWBF16 averages its flat gradients)
+    through Lightning, two gloo ranks on their own data, 2 micro-batches accumulated, gradients
+    clipped: every rank starts from rank 0's weights, sees the same (averaged) gradient and ends
+    with the same weights."""
+    from dreampipe import train
+
+    strategy = train.FlatGradientDDP(start_method="spawn", process_group_backend="gloo")
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=3, accumulate_grad_batches=2,
+                         gradient_clip_val=0.05, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(_RankModule(str(tmp_path)), torch.utils.data.DataLoader(range(6), batch_size=None))
+    first, second = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert len(first["norms"]) == 3 and first["norms"] == second["norms"]
+    assert not any(torch.equal(a, b) for a, b in zip(first["weights"], tiny_net().parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first["weights"], second["weights"]))
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
@@ -282,6 +337,7 @@ def test_two_ranks_step_with_their_averaged_flat_gradients_and_stay_equal(low_me
         port = s.getsockname()[1]
     mp.start_processes(_flat_ddp_rank, args=(port, str(tmp_path), low_memory), nprocs=2, start_method="spawn")
     first, second = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert not first["fused"], "under DDP even the low-memory profile steps after the averaging"
     for a, b, mean0, mean1 in zip(first["own"], second["own"], first["averaged"], second["averaged"]):
         assert not torch.equal(a, b)
         torch.testing.assert_close(mean0, ((a.float() + b.float()) / 2).to(torch.bfloat16), rtol=2**-8, atol=0)

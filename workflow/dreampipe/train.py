@@ -631,11 +631,13 @@ class FlatGradientDDP(pl.strategies.DDPStrategy):
     """DDP without torch's DistributedDataParallel wrapper, for bf16 weights: AdamWBF16 holds each
     group's gradients in one flat buffer and averages it over the ranks itself, one all-reduce
     after the backward, where DDP's reducer hooks every weight (686 in the UNet) and reduces them in
-    25 MB buckets (on two H200s 1.39x the images a second of one GPU). The ranks start from the same
-    file, cast alike, and step alike, so their weights stay equal without DDP's broadcast."""
+    25 MB buckets (on two H200s 1.39x the images a second of one GPU). As DDP does, the ranks start
+    from rank 0's weights (one broadcast); they step alike, so their weights stay equal."""
 
     def configure_ddp(self) -> None:
-        pass
+        from pytorch_lightning.overrides.distributed import _sync_module_states
+
+        _sync_module_states(self.model)
 
 
 def strategy(settings: dict, world: int, one_gpu: bool):
