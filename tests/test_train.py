@@ -624,3 +624,16 @@ def test_low_memory_parks_the_frozen_networks_on_the_cpu_between_sample_grids(ti
     monkeypatch.setattr(torch.nn.Module, "to", to)
     default = run(tiny_model, [(instance, None)], tmp_path / "default", max_steps=2, sample_every_n_steps=1)
     assert identical(part(low, "first_stage_model."), part(default, "first_stage_model."))
+
+
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_mirror_images_are_encoded_only_for_random_flips(tiny_model, instance, tmp_path, monkeypatch, random_flip):
+    """The latents of the mirror images are cached only when train.random_flip can draw them
+    (at SD size the VAE encodes 220 pictures at 512 px before the first step; the default is off)."""
+    from diffusers import AutoencoderKL
+
+    encoded, encode = [], AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: (encoded.append(len(x)), encode(self, x, *a, **k))[1])
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=1, random_flip=random_flip)
+    pictures = len(json.loads((instance / "manifest.json").read_text()))
+    assert sum(encoded) == pictures * (2 if random_flip else 1)

@@ -198,15 +198,18 @@ class DreamBooth(pl.LightningModule):
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> dict:
         """The frozen VAE keeps its loaded dtype (so it is written out exactly as loaded); on a
-        GPU it encodes under bf16 autocast."""
+        GPU it encodes under bf16 autocast. The mirror images only for random_flip ("_flip": the
+        same latents without it)."""
         out = {"mean": [], "std": [], "mean_flip": [], "std_flip": []}
         fast = torch.autocast(self.device.type, torch.bfloat16, enabled=speed.bf16_weights(self.s, self.device))
+        flips = self.s["random_flip"]
         for chunk in pixels.split(1 if self.s["low_memory"] else 8):  # 8 at 512 px: 1.4 GiB more at the peak
             with fast:  # each image and its mirror image in one batch
-                dist = self.vae.encode(torch.cat([chunk, chunk.flip(-1)]).to(self.device, self.vae.dtype)).latent_dist
+                batch = torch.cat([chunk, chunk.flip(-1)]) if flips else chunk
+                dist = self.vae.encode(batch.to(self.device, self.vae.dtype)).latent_dist
             for key, value in (("mean", dist.mean), ("std", dist.std)):
                 out[key].append(value[:len(chunk)].float())
-                out[key + "_flip"].append(value[len(chunk):].float())
+                out[key + "_flip"].append(value[len(chunk):].float() if flips else out[key][-1])
         return {k: torch.cat(v) for k, v in out.items()}
 
     def _embed(self, captions: list[str]) -> torch.Tensor:
