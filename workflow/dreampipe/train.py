@@ -204,7 +204,7 @@ class DreamBooth(pl.LightningModule):
         fast = torch.autocast(self.device.type, torch.bfloat16, enabled=speed.bf16_weights(self.s, self.device))
         flips = self.s["random_flip"]
         for chunk in pixels.split(1 if self.s["low_memory"] else 8):  # 8 at 512 px: 1.4 GiB more at the peak
-            with fast:  # each image and its mirror image in one batch
+            with fast:  # with flips each image and its mirror image in one batch
                 batch = torch.cat([chunk, chunk.flip(-1)]) if flips else chunk
                 dist = self.vae.encode(batch.to(self.device, self.vae.dtype)).latent_dist
             for key, value in (("mean", dist.mean), ("std", dist.std)):
