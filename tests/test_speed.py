@@ -253,12 +253,15 @@ def _flat_ddp_rank(rank: int, port: int, out: str, low_memory: bool) -> None:
     settings = {**config.defaults()["train"], "low_memory": low_memory, "max_grad_norm": 0}
     opt = speed.optimizer([{"params": list(net.parameters()), "lr": 1e-2}], settings, "cpu", world_size=2)
     x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
-    grads = {}
+    ref = tiny_net()  # this rank's own gradient
+    grads, reduced = {"own": list(torch.autograd.grad(ref(x).float().square().mean(), list(ref.parameters())))}, []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: (reduced.append(t.numel()), all_reduce(t, *a, **k))[1]
 
     def closure():
         opt.before_backward()
         net(x).float().square().mean().backward()
-        grads["own"] = [p.grad.clone() for p in net.parameters()]
+        grads["during_backward"] = len(reduced)
         opt.after_backward()
         grads["averaged"] = [p.grad.clone() for p in net.parameters()]
 
@@ -338,6 +341,7 @@ def test_two_ranks_step_with_their_averaged_flat_gradients_and_stay_equal(low_me
     mp.start_processes(_flat_ddp_rank, args=(port, str(tmp_path), low_memory), nprocs=2, start_method="spawn")
     first, second = (torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1))
     assert not first["fused"], "under DDP even the low-memory profile steps after the averaging"
+    assert first["during_backward"] > 0, "the averaging of the first gradients complete starts inside the backward"
     for a, b, mean0, mean1 in zip(first["own"], second["own"], first["averaged"], second["averaged"]):
         assert not torch.equal(a, b)
         torch.testing.assert_close(mean0, ((a.float() + b.float()) / 2).to(torch.bfloat16), rtol=2**-8, atol=0)
