@@ -138,6 +138,37 @@ def test_a_dry_run_drops_the_gradients_of_weights_stepped_in_the_backward_withou
     assert not any(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
+def test_checkpointing_keeps_no_rng_state_which_a_cuda_graph_capture_cannot_read(tiny_model, monkeypatch):
+    """Gradient checkpointing recomputes each block in the backward. torch saves and restores the
+    RNG state around it for dropout, and before torch 2.10 reading the CUDA RNG state inside a
+    graph capture fails (pytorch issue 162504): SD's UNet has no dropout, so it keeps none. The
+    gradients are those without checkpointing."""
+    import torch.utils.checkpoint
+
+    unet = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1]).unet
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+    plain = torch.autograd.grad(unet(x, t, encoder_hidden_states=c).sample.sum(), list(unet.parameters()))
+    calls, original = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: (calls.append(k), original(*a, **k))[1])
+    speed.checkpointing(unet)
+    checkpointed = torch.autograd.grad(unet(x, t, encoder_hidden_states=c).sample.sum(), list(unet.parameters()))
+    assert calls and all(k == {"use_reentrant": False, "preserve_rng_state": False} for k in calls)
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed))
+
+
+def test_no_cuda_graphs_where_their_gradients_would_add_to_themselves():
+    """torch's make_graphed_callables hands back its static gradient buffers; where a weight's
+    .grad is None, autograd takes that buffer over as the .grad, and the next micro-batch's replay
+    overwrites it and then adds it to itself (pytorch issue 181723): with fp32 weights (adamw8bit,
+    fp32 precision) and gradient accumulation the UNet runs without graphs. AdamWBF16's gradients
+    are views of its own buffer, so the default profile keeps them."""
+    defaults = {**config.defaults()["train"], "gradient_accumulation_steps": 2}
+    assert speed.compile_scope(defaults) == "graphs"
+    assert speed.compile_scope({**defaults, "optimizer": "adamw8bit"}) is None
+    assert speed.compile_scope({**defaults, "precision": "32-true", "compile": "graphs"}) is None
+    assert speed.compile_scope({**defaults, "optimizer": "adamw8bit", "gradient_accumulation_steps": 1}) == "graphs"
+
+
 def test_auto_replays_cuda_graphs_on_one_gpu_or_several_and_runs_eagerly_to_save_memory():
     """Graphs under DDP too (the gradients are averaged after the replayed backward):
     blocks, auto's former choice under DDP, ran 9.8 it/s on one H200 against 22 for graphs."""
@@ -363,7 +394,7 @@ def test_flat_gradients_train_as_autograd_without_touching_the_weights(tiny_mode
     for name in ("autograd", "flat"):
         unet = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1]).unet.to(torch.bfloat16)
         if low_memory:
-            unet.enable_gradient_checkpointing()
+            speed.checkpointing(unet)
         opt = speed.AdamWBF16([{"params": list(unet.parameters()), "lr": 1e-3}], seed=0, fused_backward=low_memory)
         accumulated = []
         for p in unet.parameters():

@@ -601,11 +601,13 @@ def test_low_memory_parks_the_frozen_networks_on_the_cpu_between_sample_grids(ti
     and at 6.25 GiB during the steps (goal 6, docs/benchmarks.md): it encodes one picture at a
     time, and after the latents and captions are cached the frozen VAE and
     text encoder (0.4 GiB) wait on the CPU, back on the device only for the sample grids and the
-    model written at the end. Nothing else changes: the run ends where the default one does."""
+    model written at the end, where they decode one picture at a time. Nothing else changes:
+    the run ends where the default one does."""
     from diffusers import AutoencoderKL
 
-    moves, batches = [], []
-    to, encode = torch.nn.Module.to, AutoencoderKL.encode
+    moves, batches, decoded = [], [], []
+    to, encode, decode = torch.nn.Module.to, AutoencoderKL.decode, AutoencoderKL.decode
+    encode = AutoencoderKL.encode
 
     def spy_to(self, *args, **kwargs):
         if isinstance(self, AutoencoderKL):
@@ -618,11 +620,16 @@ def test_low_memory_parks_the_frozen_networks_on_the_cpu_between_sample_grids(ti
 
     monkeypatch.setattr(torch.nn.Module, "to", spy_to)
     monkeypatch.setattr(AutoencoderKL, "encode", spy_encode)
-    low = run(tiny_model, [(instance, None)], tmp_path / "low", max_steps=2, low_memory=True, sample_every_n_steps=1)
+    monkeypatch.setattr(AutoencoderKL, "decode",
+                        lambda self, z, *a, **k: (decoded.append(len(z)), decode(self, z, *a, **k))[1])
+    low = run(tiny_model, [(instance, None)], tmp_path / "low", max_steps=2, low_memory=True, sample_every_n_steps=1,
+              sample_seeds=[0, 1])
     assert set(batches) == {1}  # one picture at a time (no mirror images without random_flip)
+    assert decoded and set(decoded) == {1}, "the grids' pictures decoded one at a time"
     assert moves.count("cpu") == 1 + 2 * 3, moves  # parked, then out and back for each of 3 grids (steps 1, 2, final)
     monkeypatch.setattr(torch.nn.Module, "to", to)
-    default = run(tiny_model, [(instance, None)], tmp_path / "default", max_steps=2, sample_every_n_steps=1)
+    default = run(tiny_model, [(instance, None)], tmp_path / "default", max_steps=2, sample_every_n_steps=1,
+                  sample_seeds=[0, 1])
     assert identical(part(low, "first_stage_model."), part(default, "first_stage_model."))
 
 

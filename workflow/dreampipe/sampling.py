@@ -38,8 +38,9 @@ def initial_noise(seed: int, resolution: int, channels: int = 4) -> torch.Tensor
 @torch.no_grad()
 def generate(model: StableDiffusion, prompts: list[str], seeds: list[int], *, resolution: int,
              steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str = "",
-             sampler: str = "ddim") -> list[Image.Image]:
-    """One image per (prompt, seed) pair, all in one batch."""
+             sampler: str = "ddim", decode_batch: int | None = None) -> list[Image.Image]:
+    """One image per (prompt, seed) pair, all in one batch; the VAE decodes decode_batch of
+    them at a time (all by default; 1 where memory is short)."""
     unet, vae = model.unet, model.vae
     device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
     cond = encode_prompts(model, list(prompts))
@@ -55,8 +56,8 @@ def generate(model: StableDiffusion, prompts: list[str], seeds: list[int], *, re
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
     vae_dtype = next(vae.parameters()).dtype
-    pixels = vae.decode(latents.to(vae_dtype) / vae.config.scaling_factor).sample
-    return to_pil(pixels)
+    latents = latents.to(vae_dtype) / vae.config.scaling_factor
+    return [image for part in latents.split(decode_batch or len(latents)) for image in to_pil(vae.decode(part).sample)]
 
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:

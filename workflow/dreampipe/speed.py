@@ -49,8 +49,14 @@ def compile_scope(settings: dict) -> str | None:
     scope = settings.get("compile", "auto")
     if scope == "auto":
         if settings.get("low_memory"):
-            return "graphs" if flat_gradients() else None
-        return None if settings.get("gradient_checkpointing") else "graphs"
+            scope = "graphs" if flat_gradients() else None
+        else:
+            scope = None if settings.get("gradient_checkpointing") else "graphs"
+    own_gradients = settings.get("optimizer", "adamw") == "adamw" and settings.get("precision", "auto") in ("auto", "bf16-mixed")
+    if scope == "graphs" and settings.get("gradient_accumulation_steps", 1) > 1 and not own_gradients:
+        # torch's graphed backward hands back its static buffers: a .grad that is one of them is
+        # overwritten by the next micro-batch's replay, then added to itself (pytorch issue 181723)
+        return None
     return scope or None
 
 
@@ -270,6 +276,18 @@ class _FlatGradientsCall(torch.autograd.Function):
         return (None, None, *ctx.runner.backward(grad_out))
 
 
+def checkpointing(unet: torch.nn.Module) -> None:
+    """Gradient checkpointing of the UNet's blocks, keeping no RNG state: SD's UNet has no dropout,
+    and before torch 2.10 reading the CUDA RNG state inside a graph capture fails (pytorch issue
+    162504), which the low-memory profile's CUDA graphs would."""
+    import torch.utils.checkpoint
+
+    def checkpoint(module, *args):
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, preserve_rng_state=False)
+
+    unet.enable_gradient_checkpointing(checkpoint)
+
+
 def prepare_training(model, settings: dict, device):
     """Ready a StableDiffusion model for training on `device` (where it is already, or, under DDP,
     where the strategy moves it next); returns the UNet call of the training step:
@@ -285,7 +303,7 @@ def prepare_training(model, settings: dict, device):
             model.text_encoder.to(dtype=torch.bfloat16)
     model.unet.to(memory_format=torch.channels_last)
     if settings.get("low_memory"):
-        model.unet.enable_gradient_checkpointing()
+        checkpointing(model.unet)
     scope = compile_scope(settings)
     if scope == "graphs":
         return GraphedUNet(model.unet, flat=flat_gradients())
@@ -484,6 +502,9 @@ class AdamWBF16(torch.optim.Optimizer):
             if self._micro != self.accumulation_steps - 1:  # not the window's last backward
                 return
             bucket = self._buckets[b]
+            if bucket["left"] is None:  # as torch's DDP: a second gradient would miss the average
+                raise RuntimeError("AdamWBF16 under DDP: a weight got a second gradient in one backward "
+                                   "(reentrant checkpointing?) after its bucket was averaged")
             view = FLAT_GRADS[p]
             if p.grad is not view:  # autograd replaced it (the weight had none)
                 view.copy_(p.grad)
@@ -504,7 +525,9 @@ class AdamWBF16(torch.optim.Optimizer):
         """After the window's last backward: the buckets no hook completed (weights without a
         gradient; all of them when the backward hands the gradients over without autograd, as
         FlatGradients does), but none of a frozen group; then the stream waits for all. Every
-        rank starts the same all-reduces in the same order (the same backward)."""
+        rank starts the same all-reduces in the same order, the order its backward completes the
+        buckets in: the same graph on every rank (torch's DDP fixes the order instead, for
+        models whose backward differs between ranks, which the UNet's does not)."""
         self._collect_grads()
         trained = [bool(self._runs(i)) for i in range(len(self._flat))]
         for b, bucket in enumerate(self._buckets):

@@ -138,7 +138,7 @@ class DreamBooth(pl.LightningModule):
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(settings["train_text_encoder"])
         if settings["gradient_checkpointing"]:
-            self.unet.enable_gradient_checkpointing()
+            speed.checkpointing(self.unet)
         # an fp32 copy: made before the weights are cast to bf16 for training on a GPU
         self.ema = ema_model(self.unet.parameters(), settings["ema_decay"]) if settings["ema"] else None
         self.strict_loading = False  # saved state holds only the trained networks: on_load_checkpoint checks the keys
@@ -209,8 +209,9 @@ class DreamBooth(pl.LightningModule):
                 dist = self.vae.encode(batch.to(self.device, self.vae.dtype)).latent_dist
             for key, value in (("mean", dist.mean), ("std", dist.std)):
                 out[key].append(value[:len(chunk)].float())
-                out[key + "_flip"].append(value[len(chunk):].float() if flips else out[key][-1])
-        return {k: torch.cat(v) for k, v in out.items()}
+                out[key + "_flip"].append(value[len(chunk):].float())
+        out = {k: torch.cat(v) for k, v in out.items() if v}
+        return out if flips else {**out, "mean_flip": out["mean"], "std_flip": out["std"]}
 
     def _embed(self, captions: list[str]) -> torch.Tensor:
         ids = self.sd.tokenizer(captions, padding="max_length", truncation=True,
@@ -570,7 +571,8 @@ class SampleGrid(pl.Callback):
         module.unet.eval()
         with speed.eager(), module.frozen_on_device():
             images = sampling.generate(module.sd, prompts, seeds, resolution=self.s["resolution"],
-                                       steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"])
+                                       steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"],
+                                       decode_batch=1 if self.s["low_memory"] else None)
         module.unet.train()
         sheet = grid(images, [f"seed {s}" for s in seeds], columns=len(self.s["sample_seeds"]),
                      row_titles=[f"step {step}: {p}" for p in self.s["sample_prompts"]])
