@@ -606,8 +606,7 @@ def test_low_memory_parks_the_frozen_networks_on_the_cpu_between_sample_grids(ti
     from diffusers import AutoencoderKL
 
     moves, batches, decoded = [], [], []
-    to, encode, decode = torch.nn.Module.to, AutoencoderKL.decode, AutoencoderKL.decode
-    encode = AutoencoderKL.encode
+    to, encode, decode = torch.nn.Module.to, AutoencoderKL.encode, AutoencoderKL.decode
 
     def spy_to(self, *args, **kwargs):
         if isinstance(self, AutoencoderKL):
