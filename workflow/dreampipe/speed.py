@@ -52,10 +52,10 @@ def compile_scope(settings: dict) -> str | None:
             scope = "graphs" if flat_gradients() else None
         else:
             scope = None if settings.get("gradient_checkpointing") else "graphs"
-    own_gradients = settings.get("optimizer", "adamw") == "adamw" and settings.get("precision", "auto") in ("auto", "bf16-mixed")
-    if scope == "graphs" and settings.get("gradient_accumulation_steps", 1) > 1 and not own_gradients:
+    if scope == "graphs" and settings.get("gradient_accumulation_steps", 1) > 1 and not bf16_weights(settings, "cuda"):
         # torch's graphed backward hands back its static buffers: a .grad that is one of them is
-        # overwritten by the next micro-batch's replay, then added to itself (pytorch issue 181723)
+        # overwritten by the next micro-batch's replay, then added to itself (pytorch issue 181723);
+        # AdamWBF16's gradients (bf16 weights) are views of its own buffer
         return None
     return scope or None
 
@@ -505,10 +505,8 @@ class AdamWBF16(torch.optim.Optimizer):
             if bucket["left"] is None:  # as torch's DDP: a second gradient would miss the average
                 raise RuntimeError("AdamWBF16 under DDP: a weight got a second gradient in one backward "
                                    "(reentrant checkpointing?) after its bucket was averaged")
-            if p.grad is not view:  # autograd replaced it (the weight had none)
-                with torch.no_grad():
-                    view.copy_(p.grad)
-                p.grad = view
+            if p.grad is not view:
+                self._reclaim(p, view)
             bucket["left"] -= 1
             if bucket["left"] == 0:
                 self._average(b)
@@ -528,8 +526,8 @@ class AdamWBF16(torch.optim.Optimizer):
         FlatGradients does), but none of a frozen group; then the stream waits for all. Every
         rank starts the same all-reduces in the same order, the order its backward completes the
         buckets in: the same graph on every rank (torch's DDP fixes the order instead, for
-        models whose backward differs between ranks, which the UNet's does not)."""
-        self._collect_grads()
+        models whose backward differs between ranks, which the UNet's does not). A gradient
+        autograd replaced is back in the buffer already (the hook after its accumulation)."""
         trained = [bool(self._runs(i)) for i in range(len(self._flat))]
         for b, bucket in enumerate(self._buckets):
             if bucket["left"] is not None and trained[bucket["group"]]:
@@ -585,12 +583,17 @@ class AdamWBF16(torch.optim.Optimizer):
         return runs
 
     def _collect_grads(self):
-        """Gradients that someone replaced (e.g. autograd, for a parameter whose grad was None)
-        go back into the flat buffer."""
         for p, view in self._grads:
             if p.grad is not None and p.grad is not view:
-                view.copy_(p.grad)
-                p.grad = view
+                self._reclaim(p, view)
+
+    @staticmethod
+    @torch.no_grad()
+    def _reclaim(p, view):
+        """A gradient someone replaced (e.g. autograd, for a parameter whose grad was None) goes
+        back into the flat buffer."""
+        view.copy_(p.grad)
+        p.grad = view
 
     @torch.no_grad()
     def before_backward(self):
