@@ -55,19 +55,29 @@ class Timer(pl.Callback):
     compile), and per step over steps [warm, warm + n); peak memory before and during those."""
 
     def __init__(self, warm, n, profile=False):
-        self.warm, self.n, self.warm_peak = warm, n, 0.0
+        self.warm, self.n, self.warm_peak, self.phase_peaks = warm, n, 0.0, {}
         self.profiler = torch.profiler.profile() if profile else None
+
+    def phase_end(self, name):
+        """The peak since the last phase: where a run's peak comes from."""
+        self.phase_peaks[name] = peak_gib()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
     def on_train_start(self, trainer, module):
         self.start = time.perf_counter()
+        self.phase_end("setup")  # model moved and cast, latents cached, optimizer state
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx == 0:
             synchronize()
             self.first_step = time.perf_counter() - self.start
+        if batch_idx < min(3, self.warm - 1):
+            synchronize()
+            self.phase_end(f"step_{batch_idx}")
         if batch_idx == self.warm - 1:
             synchronize()
-            self.warm_peak = peak_gib()  # model, cached latents (VAE encode), first steps
+            self.warm_peak = max(peak_gib(), *self.phase_peaks.values())  # the whole fit before the timed steps
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             self.t0 = time.perf_counter()
@@ -107,6 +117,7 @@ def measure(profile: str, size: str, compile: str, warm: int, n: int, trace: boo
         "profile": profile, "compile": compile, "size": size, "it_s": 1 / sec, "s_per_step": sec,
         "first_step_s": timer.first_step, "step_peak_gib": timer.step_peak,
         "run_peak_gib": max(timer.warm_peak, peak_gib()),  # the whole fit: what a card must hold
+        "phase_peaks_gib": timer.phase_peaks,
         "tflops": FLOP_STEP / sec / 1e12 if size == "sd1" else None,
         "wall_s_incl_build": time.perf_counter() - t0,
         "optimizer": type(trainer.optimizers[0]).__name__,

@@ -110,12 +110,14 @@ def test_only_adamw_gets_bf16_weights_on_a_gpu():
 
 def test_the_low_memory_profile_replays_cuda_graphs_once_flat_gradients_are_on(monkeypatch):
     """Its step is CPU-bound eagerly (318 ms for 48 ms of GPU work at SD size): with
-    FlatGradients the graph holds the per-weight updates (off until measured on a GPU)."""
+    FlatGradients the graph holds the per-weight updates (22 it/s on an H200);
+    DREAMPIPE_FLAT_GRADIENTS=0 turns FlatGradients off."""
     low = {**config.defaults()["train"], "low_memory": True}
     monkeypatch.delenv("DREAMPIPE_FLAT_GRADIENTS", raising=False)
-    assert speed.compile_scope(low) is None
-    monkeypatch.setenv("DREAMPIPE_FLAT_GRADIENTS", "1")
     assert speed.compile_scope(low) == "graphs"
+    monkeypatch.setenv("DREAMPIPE_FLAT_GRADIENTS", "0")
+    assert speed.compile_scope(low) is None
+    monkeypatch.delenv("DREAMPIPE_FLAT_GRADIENTS")
     assert speed.compile_scope({**low, "compile": False}) is None
 
 
@@ -169,13 +171,14 @@ def test_no_cuda_graphs_where_their_gradients_would_add_to_themselves():
     assert speed.compile_scope({**defaults, "optimizer": "adamw8bit", "gradient_accumulation_steps": 1}) == "graphs"
 
 
-def test_auto_replays_cuda_graphs_on_one_gpu_or_several_and_runs_eagerly_to_save_memory():
+def test_auto_replays_cuda_graphs_on_one_gpu_or_several_and_runs_eagerly_with_checkpointing_alone():
     """Graphs under DDP too (the gradients are averaged after the replayed backward):
-    blocks, auto's former choice under DDP, ran 9.8 it/s on one H200 against 22 for graphs."""
+    blocks, auto's former choice under DDP, ran 9.8 it/s on one H200 against 22 for graphs.
+    Gradient checkpointing alone is a memory setting: eager."""
     defaults = config.defaults()["train"]
     assert speed.compile_scope(defaults) == "graphs"
     assert speed.compile_scope({**defaults, "devices": 2}) == "graphs"
-    assert speed.compile_scope({**defaults, "low_memory": True}) is None
+    assert speed.compile_scope({**defaults, "gradient_checkpointing": True}) is None
     assert speed.compile_scope({**defaults, "compile": "blocks"}) == "blocks"
     assert "world_size" not in inspect.signature(speed.prepare_training).parameters
 

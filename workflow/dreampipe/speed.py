@@ -43,9 +43,10 @@ def compile_scope(settings: dict) -> str | None:
     """`train.compile`: graphs = the UNet's forward and backward replayed as CUDA graphs, nothing
     compiled; blocks = each repeated block compiled alone; unet = the whole UNet compiled, with CUDA
     graphs; false = eager. auto = graphs, on one GPU or under DDP (train.FlatGradientDDP averages
-    the gradients after the replayed backward); eager in the low-memory profile (whose per-weight
-    optimizer steps run inside the eager backward) and with gradient checkpointing (which
-    recomputes activations in the backward: a memory setting, not a speed one)."""
+    the gradients after the replayed backward) and in the low-memory profile (the graph holds its
+    per-weight optimizer steps: FlatGradients), eager there with DREAMPIPE_FLAT_GRADIENTS=0; eager
+    with gradient checkpointing alone (which recomputes activations in the backward: a memory
+    setting, not a speed one)."""
     scope = settings.get("compile", "auto")
     if scope == "auto":
         if settings.get("low_memory"):
@@ -61,9 +62,10 @@ def compile_scope(settings: dict) -> str | None:
 
 
 def flat_gradients() -> bool:
-    """GraphedUNet with FlatGradients, in the default profile and the low-memory one: off until
-    it has run on a GPU (docs/benchmarks.md); DREAMPIPE_FLAT_GRADIENTS=1 turns it on."""
-    return os.environ.get("DREAMPIPE_FLAT_GRADIENTS") == "1"
+    """GraphedUNet with FlatGradients, in the default profile and the low-memory one (measured
+    on an H200, docs/benchmarks.md); DREAMPIPE_FLAT_GRADIENTS=0 turns it off, as a way around
+    should a GPU or torch version fail with it."""
+    return os.environ.get("DREAMPIPE_FLAT_GRADIENTS") != "0"
 
 
 def compile_unet(unet: torch.nn.Module, scope: str) -> None:
@@ -139,8 +141,8 @@ class GraphedUNet:
     (torch.profiler, docs/benchmarks.md); where AdamWBF16 updates each weight inside the backward
     (STEPPED_IN_BACKWARD: the low-memory profile) the graph holds those updates, whose Python
     (eager UNet twice under checkpointing, 686 hooks) made that profile's step CPU-bound: 318 ms
-    for 48 ms of GPU work. Otherwise torch's make_graphed_callables. flat is off until it has run
-    on a GPU (flat_gradients()). capture=False runs FlatGradients eagerly (the CPU tests)."""
+    for 48 ms of GPU work (22 it/s with the graph, 3.8 without, on an H200). Otherwise torch's
+    make_graphed_callables. capture=False runs FlatGradients eagerly (the CPU tests)."""
 
     def __init__(self, unet: torch.nn.Module, flat: bool = False, capture: bool = True):
         self.unet, self.graphs, self.flat, self.capture = unet, {}, flat, capture
