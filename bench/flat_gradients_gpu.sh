@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
-# speed.FlatGradients on one GPU, before it becomes the default (it is off until this has run:
-# DREAMPIPE_FLAT_GRADIENTS=1 turns it on). On the GPU machine, from the project root, after
+# speed.FlatGradients on one GPU, on and off (the default since this ran, 2026-12-01;
+# DREAMPIPE_FLAT_GRADIENTS=0 turns it off). On the GPU machine, from the project root, after
 # `source .devkit/setup.sh` and `source bench/gpu_bytecode.sh` (about 6 minutes on an H200):
 #   1. its GPU twins with it on: the graphed training step against eager (the weights' gradients
 #      added into the flat buffer by the graph; the text context's gradient; the first step;
 #      accumulation), and the low-memory profile at SD size (goal: <= 6 GiB at >= 15 it/s);
 #   2. bench/train_speed.py's default and low-memory profiles without and with it (it/s, peak GiB).
-# Then run bench/e2e_gpu.sh with DREAMPIPE_FLAT_GRADIENTS=1 (the whole workflow) before making it
-# the default (speed.flat_gradients). Writes $OUT/twins.txt and $OUT/speed-<profile>-<0|1>.txt.
+# Writes $OUT/twins.txt and $OUT/speed-<profile>-<0|1>.txt.
 set -u
 OUT=${OUT:-/tmp/flat-out}; mkdir -p "$OUT"
 export TRITON_CACHE_DIR=/tmp/flat-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/flat-cache/inductor
