@@ -2,6 +2,7 @@
 Tests taking `device` run here on the CPU and again on CUDA from tests/test_gpu.py."""
 
 import copy
+import gc
 import inspect
 import os
 import subprocess
@@ -119,6 +120,19 @@ def test_the_low_memory_profile_replays_cuda_graphs_once_flat_gradients_are_on(m
     assert speed.compile_scope(low) is None
     monkeypatch.delenv("DREAMPIPE_FLAT_GRADIENTS")
     assert speed.compile_scope({**low, "compile": False}) is None
+
+
+def test_an_optimizer_no_longer_referenced_stops_updating_the_weights_from_its_hooks():
+    """fused_backward steps each weight in a hook on it: the hooks of an optimizer that was
+    dropped (a second fit of the same networks in one process, a notebook) must not step them
+    any more, or they move twice, once with a stale state."""
+    net, ref = tiny_net(), tiny_net()
+    old = speed.AdamWBF16([{"params": list(net.parameters()), "lr": 1e-2}], fused_backward=True)
+    del old
+    gc.collect()
+    train(net, speed.AdamWBF16([{"params": list(net.parameters()), "lr": 1e-2}], fused_backward=True), 3)
+    train(ref, speed.AdamWBF16([{"params": list(ref.parameters()), "lr": 1e-2}], fused_backward=True), 3)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), ref.parameters()))
 
 
 def test_a_dry_run_drops_the_gradients_of_weights_stepped_in_the_backward_without_a_step():

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import warnings
+import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -392,6 +393,11 @@ def _gpu_update(device, seed: int):
         return adamw_sr_
 
 
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     """The elements of a dense tensor (contiguous or channels-last) in memory order."""
     return t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
@@ -443,7 +449,7 @@ class AdamWBF16(torch.optim.Optimizer):
         self._step = torch.zeros((), device=device)
         self._lrs = [torch.zeros((), device=device) for _ in self.param_groups]
         self._update = _gpu_update(device, self.seed) if on_gpu(device) else adamw_sr_
-        self._flat, self._offset, self._grads, self._slots = [], {}, [], []
+        self._flat, self._offset, self._grads, self._slots, self._hooks = [], {}, [], [], []
         keys = ("exp_avg", "exp_avg_sq") if fused_backward else ("param", "grad", "exp_avg", "exp_avg_sq")
         offset = 0
         for i, group in enumerate(self.param_groups):
@@ -463,7 +469,7 @@ class AdamWBF16(torch.optim.Optimizer):
                     self._grads.append((p, p.grad))
                     FLAT_GRADS[p] = p.grad
                 else:
-                    p.register_post_accumulate_grad_hook(self._step_one(i))
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._step_one(i)))
                     STEPPED_IN_BACKWARD[p] = True
                 self.state[p] = {"exp_avg": view["exp_avg"], "exp_avg_sq": view["exp_avg_sq"], "step": self._step}
                 self._offset[p] = torch.tensor(offset + at, dtype=torch.int32, device=device)
@@ -474,6 +480,8 @@ class AdamWBF16(torch.optim.Optimizer):
             offset += n
         self._buckets = self._make_buckets() if world_size > 1 else []
         self._works = []
+        # the hooks hold the optimizer weakly and go with it: a dropped one must not step the weights
+        weakref.finalize(self, _remove, self._hooks)
 
     # -- DDP: the gradients averaged in buckets, the first while the backward still runs ----------
 
@@ -495,14 +503,17 @@ class AdamWBF16(torch.optim.Optimizer):
         for b, bucket in enumerate(buckets):
             bucket["left"] = sum(p.requires_grad for p in bucket["params"])  # zero_grad counts again
             for p in bucket["params"]:
-                p.register_post_accumulate_grad_hook(self._arrived(bucket, b, FLAT_GRADS[p]))
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._arrived(bucket, b, FLAT_GRADS[p])))
         return buckets
 
     def _arrived(self, bucket: dict, b: int, view: torch.Tensor):
         """A weight's hook: it runs 686 times a step at SD size, so it does little (no grad-mode
         context, nothing looked up: about 1 us)."""
+        me = weakref.ref(self)
+
         def hook(p):
-            if self._micro != self.accumulation_steps - 1:  # not the window's last backward
+            self = me()
+            if self is None or self._micro != self.accumulation_steps - 1:  # not the window's last backward
                 return
             if bucket["left"] is None:  # as torch's DDP: a second gradient would miss the average
                 raise RuntimeError("AdamWBF16 under DDP: a weight got a second gradient in one backward "
@@ -544,8 +555,13 @@ class AdamWBF16(torch.optim.Optimizer):
                      group["weight_decay"])
 
     def _step_one(self, i):
+        me = weakref.ref(self)
+
         @torch.no_grad()
         def hook(p):
+            self = me()
+            if self is None:
+                return
             if _DRY_RUN[0]:
                 p.grad = None
                 return
