@@ -56,7 +56,8 @@ def test_toy_recipes_bench_runs_one_short_recipe(tmp_path):
 
 def test_toy_recipes_bench_runs_a_recipe_given_on_the_command_line_with_its_class_image_count(tmp_path):
     out = bench(tmp_path, "bench/toy_recipes.py", "--out", str(tmp_path / "recipes"), "--seeds", "1",
-                "--steps", "2", "--recipe", 'two class images={"num_class_images": 2, "learning_rate": 1e-4}')
+                "--steps", "2", "--recipe",
+                'two class images={"num_class_images": 2, "learning_rate": 1e-4, "prior_loss_weight": 1}')
     assert "| two class images | 2 | 0.0001 / " in out and "| ours (demo config)" not in out
     assert re.search(r"\| 1 \| \d+ \| ", out), "prior_loss_weight, then the seconds of training"
     assert len(json.loads((tmp_path / "recipes" / "class-2.json").read_text())["images"]) == 2
