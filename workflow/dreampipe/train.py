@@ -153,8 +153,7 @@ class DreamBooth(pl.LightningModule):
     def cache(self, device: torch.device):
         dm = self.trainer.datamodule
         self.vae.eval()
-        for net in self.frozen():
-            net.to(device)
+        self._frozen_to(device)
         self.captions = list(dict.fromkeys(dm.instance_captions + dm.class_captions))
         index = {c: i for i, c in enumerate(self.captions)}
         self.instance_caption = torch.tensor([index[c] for c in dm.instance_captions])
@@ -165,14 +164,12 @@ class DreamBooth(pl.LightningModule):
         self.instance_latents = self._encode_images(dm.instance_images)
         self.class_latents = self._encode_images(dm.class_images) if len(dm.class_images) else None
         log.info("latents of %d images cached", len(dm.instance_images) + len(dm.class_images))
-        if self.s["low_memory"]:
-            self.park_frozen()
 
     def on_fit_start(self):
         if self.ema:
             self.ema.to(self.device)
         if self.s["low_memory"]:
-            self.park_frozen()  # the strategy moved the whole module to the device since
+            self.park_frozen()  # here, not after caching: the strategy moves the whole module in between
 
     def frozen(self) -> list[torch.nn.Module]:
         return [self.vae] + ([] if self.s["train_text_encoder"] else [self.text_encoder])
@@ -180,8 +177,11 @@ class DreamBooth(pl.LightningModule):
     def park_frozen(self):
         """low_memory: the frozen VAE and text encoder (0.4 GiB at SD size) wait on the CPU once
         latents and captions are cached; moving them back and forth keeps them bit for bit."""
+        self._frozen_to("cpu")
+
+    def _frozen_to(self, device):
         for net in self.frozen():
-            net.to("cpu")
+            net.to(device)
 
     @contextlib.contextmanager
     def frozen_on_device(self):
@@ -189,8 +189,7 @@ class DreamBooth(pl.LightningModule):
         if not self.s["low_memory"]:
             yield
             return
-        for net in self.frozen():
-            net.to(self.device)
+        self._frozen_to(self.device)
         try:
             yield
         finally:
