@@ -5,11 +5,16 @@ Run beside ../shared/bench/diffusers_recipe.py T in the same call.
 
     python bench/class_images_speed.py [--compile blocks|unet|false] [--batch 16] [--batches 3]
                                        [--sampler ddim|dpmsolver++] [--steps 50] [--cudnn-benchmark]
+                                       [--layout channels-last] [--profile N]
+
+--layout channels-last: the networks in that memory format whatever prepare_sampling chose (eager
+sampling is NCHW); --profile N prints the N GPU kernels that take the most time over one batch
+(torch.profiler) and where the time goes by kind.
 
 Reports the seconds to the end of the first batch (compile included), then img/s over the other
 batches, how far images 0-3 are from the eager path, and the milliseconds to encode one of the
 first batch's images as PNG (what the class-images job's writer threads do beside sampling).
-Results: printed, and $OUT/class-images-<compile>[-cudnn].json.
+Results: printed, and $OUT/class-images-<compile>[-cudnn][-channels-last].json.
 """
 
 import argparse
@@ -27,7 +32,30 @@ from common import FLOP_IMG, RESOLUTION, device, peak_gib, random_sd1, save, syn
 from dreampipe import sampling, speed  # noqa: E402
 
 
-def main(size: str, compile: str, batch: int, batches: int, steps: int, sampler: str, cudnn_benchmark: bool):
+def profile(make, seeds, rows: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        make(seeds)
+        synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    kinds = {}
+    for e in events:
+        name = e.key.lower()
+        kind = next((k for k, words in (("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
+                                        ("gemm/conv", ("gemm", "conv", "xmma", "sm90", "cutlass", "implicit", "dgrad")),
+                                        ("norm", ("norm", "welford")), ("elementwise", ("elementwise", "vectorized")))
+                     if any(w in name for w in words)), "other")
+        kinds[kind] = kinds.get(kind, 0) + e.device_time_total
+    print("profile: GPU time by kind:", {k: f"{v / total:.1%}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+    for e in sorted(events, key=lambda e: -e.device_time_total)[:rows]:
+        print(f"profile: {e.device_time_total / total:6.1%} {e.count:6d}x  {e.key[:150]}")
+
+
+def main(size: str, compile: str, batch: int, batches: int, steps: int, sampler: str, cudnn_benchmark: bool,
+         layout: str | None = None, profile_rows: int = 0):
     torch.backends.cudnn.benchmark = cudnn_benchmark  # cuDNN times its conv algorithms per shape, once
     dev = device()
     model = random_sd1(size=size).to(dtype=torch.bfloat16 if dev == "cuda" else torch.float32)
@@ -39,6 +67,9 @@ def main(size: str, compile: str, batch: int, batches: int, steps: int, sampler:
 
     eager = make([0, 1, 2, 3])
     speed.prepare_sampling(model, dev, scope=None if compile == "false" else compile)
+    if layout:
+        model.unet.to(memory_format=torch.channels_last)
+        model.vae.to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
     first = make(list(range(batch)))
     synchronize()
@@ -50,6 +81,8 @@ def main(size: str, compile: str, batch: int, batches: int, steps: int, sampler:
         make(list(range(r * batch, (r + 1) * batch)))
     synchronize()
     sec = (time.perf_counter() - t0) / max(1, batches - 1)
+    if profile_rows and dev == "cuda":
+        profile(make, list(range(batch)), profile_rows)
     t0 = time.perf_counter()
     for image in first:
         image.save(io.BytesIO(), format="PNG")
@@ -57,8 +90,11 @@ def main(size: str, compile: str, batch: int, batches: int, steps: int, sampler:
     n = min(4, batch)
     a = np.stack([np.asarray(im, dtype=np.float32) for im in eager[:n]])
     b = np.stack([np.asarray(im, dtype=np.float32) for im in first[:n]])
-    save(f"class-images-{compile}{'-cudnn' if cudnn_benchmark else ''}", {
-        "size": size, "compile": compile, "cudnn_benchmark": cudnn_benchmark, "batch": batch, "sampler": sampler,
+    name = f"class-images-{compile}{'-cudnn' if cudnn_benchmark else ''}{'-channels-last' if layout else ''}"
+    save(name, {
+        "size": size, "compile": compile, "cudnn_benchmark": cudnn_benchmark, "memory_format": "channels_last" if model.unet.conv_in.weight.is_contiguous(
+            memory_format=torch.channels_last) else "nchw",
+        "batch": batch, "sampler": sampler,
         "steps": steps, "img_s": batch / sec, "first_batch_s": first_s, "png_ms": png_ms, "peak_gib": peak_gib(),
         "tflops": FLOP_IMG * batch / sec / 1e12 if size == "sd1" and steps == 50 and sampler == "ddim" else None,
         "vs_eager_mean_abs_diff_of_255": float(np.abs(a - b).mean())})
@@ -74,6 +110,8 @@ if __name__ == "__main__":
     p.add_argument("--sampler", choices=["ddim", "dpmsolver++"], default="ddim",
                    help="the class images' default is dpmsolver++ at 25 steps")
     p.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms")
+    p.add_argument("--layout", choices=["channels-last"], help="the networks in this memory format")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="print the N kernels taking most GPU time")
     a = p.parse_args()
     with torch.no_grad():
-        main(a.size, a.compile, a.batch, a.batches, a.steps, a.sampler, a.cudnn_benchmark)
+        main(a.size, a.compile, a.batch, a.batches, a.steps, a.sampler, a.cudnn_benchmark, a.layout, a.profile)
