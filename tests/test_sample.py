@@ -1,10 +1,15 @@
 """Sample: the final grid of a model, below the same grid from the base model (before/after)."""
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from dreampipe import cli, sample, sampling
+from dreampipe.images import stack
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +80,61 @@ def test_the_sample_job_draws_the_trained_model_so_it_does_not_wait_for_the_expo
     jobs = {line.split()[1].rstrip(":") for line in (dry.stdout + dry.stderr).splitlines()
             if line.startswith(("rule ", "localrule "))}
     assert {"train", "sample"} <= jobs and "export" not in jobs
+
+
+# ---- the rows the train job drew ----------------------------------------------------------------
+
+REQUEST = dict(prompts=["a photo of a dog", "a red toy"], seeds=[0, 1], resolution=64, steps=2, guidance_scale=5.0,
+               sampler="dpmsolver++")
+
+
+def keep_rows(model, base, colours=("red", "blue")):
+    """Rows as the train job keeps them: solid colours, so a drawn row cannot pass for one."""
+    rows = {}
+    for title, colour, source in (("before", colours[0], sample.base_source(base, {})),
+                                  ("after", colours[1], sample.model_source(model))):
+        rows[title] = Image.new("RGB", (100, 40), colour)
+        sample.keep(sample.rows_dir(model), title, rows[title], sample.request(**REQUEST), source)
+    return rows
+
+
+def test_the_sample_job_stacks_the_rows_the_train_job_drew_and_loads_no_model(tiny_model, finetuned, tmp_path,
+                                                                             monkeypatch):
+    """On a GPU the sample job then costs no model load and no sampling: it stacks two pictures."""
+    model = tmp_path / "train" / "model.safetensors"
+    model.parent.mkdir()
+    shutil.copy(finetuned, model)
+    rows = keep_rows(model, tiny_model[0])
+    os.utime(model)  # Snakemake sets the mtime of a job's outputs again after the job
+    monkeypatch.setattr(sampling, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = draw(tiny_model, model, tmp_path / "final.png")
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(stack([rows["before"], rows["after"]])))
+
+
+@pytest.mark.parametrize("change", ["prompts", "model rewritten", "base model"])
+def test_rows_drawn_for_another_request_or_model_are_drawn_again(tiny_model, finetuned, tmp_path, monkeypatch,
+                                                                 change):
+    model = tmp_path / "train" / "model.safetensors"
+    model.parent.mkdir()
+    shutil.copy(finetuned, model)
+    base = tmp_path / "base.safetensors"
+    shutil.copy(tiny_model[0], base)
+    keep_rows(model, base)
+    loads, load = [], sampling.load
+    monkeypatch.setattr(sampling, "load", lambda path, *a, **k: (loads.append(Path(path)), load(path, *a, **k))[1])
+    request = dict(REQUEST)
+    if change == "prompts":
+        request["prompts"] = ["a photo of a cat"]
+    else:  # rewritten as checkpoint.save writes: a new file in its place
+        rewritten = model if change == "model rewritten" else base
+        shutil.copy(tiny_model[0] if rewritten == model else finetuned, rewritten.with_suffix(".tmp"))
+        os.replace(rewritten.with_suffix(".tmp"), rewritten)
+    sample.run(model, tmp_path / "final.png", request.pop("prompts"), request.pop("seeds"), request.pop("resolution"),
+               tokenizer=tiny_model[1], base_model=base, **request)
+    final = np.asarray(Image.open(tmp_path / "final.png").convert("RGB")).astype(int)
+    blue = (final == [0, 0, 255]).all(axis=-1).mean()
+    red = (final == [255, 0, 0]).all(axis=-1).mean()
+    # a new request draws both rows; a new model only the after row (the base model's networks
+    # are not needed), a new base model only the before row
+    assert loads == {"prompts": [base], "model rewritten": [model], "base model": [base]}[change]
+    assert (red > 0.01) == (change == "model rewritten") and (blue > 0.01) == (change == "base model")

@@ -489,7 +489,49 @@ def test_final_grid_and_model_are_written_before_lightning_moves_the_networks_of
     monkeypatch.setattr(checkpoint, "save", lambda *a, **k: (events.append("save"), save(*a, **k))[1])
     monkeypatch.setattr(sampling, "generate", lambda *a, **k: (events.append("grid"), generate(*a, **k))[1])
     run(tiny_model, [(instance, None)], tmp_path, max_steps=2)
-    assert events == ["grid", "save", "teardown"]
+    assert sorted(events[:2]) == ["grid", "save"] and events[2:] == ["teardown"], "the model is written beside the grid"
+
+
+SHEET = dict(prompts=["a photo of zxq robot", "a photo of a robot"], seeds=[0, 1], steps=2, guidance_scale=5.0,
+             sampler="dpmsolver++")
+
+
+def rows_kept_vs_drawn(tiny_model, instance, folder: Path, monkeypatch, **overrides) -> float:
+    """Train with the sample job's request; that job's grid from the rows the train job kept (no
+    model loaded) against the grid it draws itself: mean absolute difference, of 255."""
+    from dreampipe import sample
+
+    run(tiny_model, [(instance, None)], folder, max_steps=3, sample_sheet=SHEET, **overrides)
+    model, args = folder / "model.safetensors", dict(SHEET)
+    draw = lambda out: sample.run(model, out, args["prompts"], args["seeds"], 64, steps=2, guidance_scale=5.0,
+                                  sampler="dpmsolver++", tokenizer=tiny_model[1], base_model=tiny_model[0])
+    with monkeypatch.context() as m:
+        m.setattr(sampling, "load", lambda *a, **k: pytest.fail("the sample job loaded a model"))
+        kept = np.asarray(Image.open(draw(folder / "kept.png"))).astype(float)
+    shutil.rmtree(sample.rows_dir(model))
+    drawn = np.asarray(Image.open(draw(folder / "drawn.png"))).astype(float)
+    assert kept.shape == drawn.shape
+    return float(np.abs(kept - drawn).mean())
+
+
+@pytest.mark.parametrize("ema", [False, True])
+def test_the_train_job_draws_the_sample_jobs_rows_as_the_sample_job_would(tiny_model, instance, tmp_path,
+                                                                          monkeypatch, ema):
+    """The sample job's before/after rows come from the train job, which holds the networks on the
+    device: before from the base weights ahead of step 1, after from the weights it writes (EMA's
+    when on). The sample job then stacks them with no model loaded, and they are the rows it draws."""
+    assert rows_kept_vs_drawn(tiny_model, instance, tmp_path, monkeypatch, ema=ema, ema_decay=0.5) < 0.5
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_train_jobs_rows_are_the_sample_jobs_to_bf16_accuracy(tiny_model, instance, tmp_path,
+                                                                          monkeypatch):
+    """On a GPU the train job draws with its bf16 UNet and the frozen networks as loaded; the sample
+    job with all three in bf16: the same pictures to a few levels of 255."""
+    difference = rows_kept_vs_drawn(tiny_model, instance, tmp_path, monkeypatch, ema=True, ema_decay=0.5)
+    print(f"\nGPU train_rows_vs_sample_rows [{torch.cuda.get_device_name()}, torch {torch.__version__}]: "
+          f"mean abs difference {difference:.2f} of 255", flush=True)
+    assert difference < 4
 
 
 def test_the_networks_take_their_training_dtype_before_the_strategy_wraps_them(tiny_model, instance, tmp_path,

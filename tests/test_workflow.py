@@ -20,6 +20,8 @@ def test_two_characters_run_end_to_end_then_only_stale_steps_rerun(workflow):
         assert len(list((out / name / "instance" / "0").glob("0*.png"))) == 6
         assert (out / name / "train" / "loss.png").exists()
         assert not (out / name / ".state").exists(), "state is removed once the model is written"
+        sample_log = (out / name / "logs" / "sample.log").read_text()
+        assert sample_log.count("row drawn by the train job") == 2 and "loaded in" not in sample_log
 
     # the exported file holds the trained weights in fp16 (export.dtype's default), with the
     # training settings in its metadata, and loads back to draw an image

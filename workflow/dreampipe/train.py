@@ -29,7 +29,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import checkpoint, config, sampling, speed, state_folder
+from . import checkpoint, config, sample, sampling, speed, state_folder
 from .errors import DreampipeError
 from .images import grid, save_atomic, save_figure, stack
 
@@ -194,6 +194,16 @@ class DreamBooth(pl.LightningModule):
             yield
         finally:
             self.park_frozen()
+
+    @contextlib.contextmanager
+    def drawing(self):
+        """For sample pictures: the UNet in eval mode and eager, the frozen networks on the device."""
+        self.unet.eval()
+        try:
+            with speed.eager(), self.frozen_on_device():
+                yield
+        finally:
+            self.unet.train()
 
     def cache_captions(self):
         """Embed every caption once: the text encoder is frozen, from the start or since text_encoder_steps."""
@@ -579,12 +589,10 @@ class SampleGrid(pl.Callback):
     def write(self, module, step):
         prompts = [p for p in self.s["sample_prompts"] for _ in self.s["sample_seeds"]]
         seeds = [s for _ in self.s["sample_prompts"] for s in self.s["sample_seeds"]]
-        module.unet.eval()
-        with speed.eager(), module.frozen_on_device():
+        with module.drawing():
             images = sampling.generate(module.sd, prompts, seeds, resolution=self.s["resolution"],
                                        steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"],
                                        decode_batch=1 if self.s["low_memory"] else None)
-        module.unet.train()
         sheet = grid(images, [f"seed {s}" for s in seeds], columns=len(self.s["sample_seeds"]),
                      row_titles=[f"step {step}: {p}" for p in self.s["sample_prompts"]])
         save_atomic(sheet, self.dir / f"step-{step:05d}.png")
@@ -613,24 +621,66 @@ class SaveCheckpoints(pl.Callback):
                 old.unlink()
 
 
+class SampleRows(pl.Callback):
+    """The sample job's before/after rows (sample.py), drawn here while the networks are on the
+    device, so that job loads no model: "before" from the base weights ahead of the first step,
+    "after" (in WriteModel) from the weights written. Not in the low-memory profile, whose peak a
+    batch of a dozen images would raise: there the sample job draws them."""
+
+    def __init__(self, settings: dict, out: Path, base_model, base_options: dict):
+        sheet = None if settings["low_memory"] else settings.get("sample_sheet")
+        self.request = sheet and sample.request(**sheet, resolution=settings["resolution"])
+        self.folder, self.base = sample.rows_dir(out), sample.base_source(base_model, base_options)
+
+    def on_train_start(self, trainer, module):
+        if self.request and trainer.is_global_zero and trainer.global_step == 0:  # a resumed run kept its row
+            self.keep("before", self.draw(module, "before"), self.base)
+
+    def draw(self, module, title: str):
+        with module.drawing():
+            return sample.sheet(module.sd, self.request, title, log.info)
+
+    def keep(self, title: str, row, source: dict) -> None:
+        sample.keep(self.folder, title, row, self.request, source)
+
+
 class WriteModel(pl.Callback):
     """After the last step, while the networks are still on the device (when fit returns, Lightning
     has moved them to the CPU): the final sample grid, and the model as base + what was trained:
     frozen networks as they were loaded, the UNet from its fp32 EMA copy when EMA is on."""
 
-    def __init__(self, out: Path, sampler: SampleGrid):
-        self.out, self.sampler, self.written = Path(out), sampler, False
+    def __init__(self, out: Path, sampler: SampleGrid, rows: SampleRows):
+        self.out, self.sampler, self.rows, self.written = Path(out), sampler, rows, False
 
     def on_train_end(self, trainer, module):
         step = trainer.global_step
         if step < trainer.max_steps or not trainer.is_global_zero:
             return
-        module.with_ema_weights(lambda: self.sampler.write(module, step))
-        # each network in the dtype it holds: exact, and half the bytes of fp32 for a bf16 UNet
-        checkpoint.save(module.sd, self.out, dtype=None, metadata={"dreampipe.steps": step},
-                        unet_weights=module.trained_unet())
+
+        def draw():
+            self.sampler.write(module, step)
+            return self.rows.draw(module, "after") if self.rows.request else None
+
+        # the model is written by a thread, from a CUDA stream of its own, while the GPU draws
+        side = torch.cuda.Stream(module.device) if module.device.type == "cuda" else None
+        if side:
+            side.wait_stream(torch.cuda.current_stream(module.device))
+        with ThreadPoolExecutor(1) as pool:
+            written = pool.submit(self.save, module, step, side)
+            after = module.with_ema_weights(draw)
+            written.result()
         log.info("model written to %s", self.out)
+        if after is not None:
+            self.rows.keep("after", after, sample.model_source(self.out))
         self.written = True
+
+
+    def save(self, module, step: int, stream) -> None:
+        """Each network in the dtype it holds: exact, and half the bytes of fp32 for a bf16 UNet
+        (the UNet from its EMA copy when EMA is on, which drawing the grids does not touch)."""
+        with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+            checkpoint.save(module.sd, self.out, dtype=None, metadata={"dreampipe.steps": step},
+                            unet_weights=module.trained_unet())
 
 
 class StayOnDevice(pl.strategies.SingleDeviceStrategy):
@@ -745,17 +795,18 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
                 shutil.rmtree(state_dir)
             state_dir.mkdir(parents=True)
             (state_dir / "fingerprint").write_text(fp)
-            for name in ("samples", "checkpoints", "tensorboard"):
-                shutil.rmtree(workdir / name, ignore_errors=True)
+            for folder in (workdir / "samples", workdir / "checkpoints", workdir / "tensorboard", sample.rows_dir(out)):
+                shutil.rmtree(folder, ignore_errors=True)
         workdir.mkdir(parents=True, exist_ok=True)
 
     module = DreamBooth(model, settings)
     saver = SaveState(state_dir, settings["save_state_every_n_steps"], settings["save_state_every_n_minutes"])
     sampler = SampleGrid(workdir, settings)
-    writer = WriteModel(out, sampler)
+    rows = SampleRows(settings, out, model_path, base_options)
+    writer = WriteModel(out, sampler, rows)
     logger = tensorboard_logger(workdir)
     # the state is saved last, so a kill after it finds this step's grid and checkpoint written
-    callbacks = [Progress(workdir), sampler,
+    callbacks = [Progress(workdir), sampler, rows,
                  SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"]), saver, writer]
     if logger:
         callbacks.append(pl.callbacks.LearningRateMonitor("step"))
