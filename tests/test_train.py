@@ -523,6 +523,23 @@ def test_the_train_job_draws_the_sample_jobs_rows_as_the_sample_job_would(tiny_m
     assert rows_kept_vs_drawn(tiny_model, instance, tmp_path, monkeypatch, ema=ema, ema_decay=0.5) < 0.5
 
 
+@pytest.mark.parametrize("failure", ["disk full", "out of GPU memory"])
+def test_rows_the_train_job_cannot_draw_or_keep_are_left_to_the_sample_job(tiny_model, instance, tmp_path,
+                                                                           monkeypatch, caplog, failure):
+    """The rows are a saving, not a result: a failure to draw or keep them never costs the model."""
+    from dreampipe import sample
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device") if failure == "disk full" else torch.cuda.OutOfMemoryError()
+
+    monkeypatch.setattr(sample, "keep" if failure == "disk full" else "sheet", fail)
+    with caplog.at_level(logging.WARNING, logger="dreampipe.train"):
+        run(tiny_model, [(instance, None)], tmp_path, max_steps=2, sample_sheet=SHEET)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not (sample.rows_dir(tmp_path / "model.safetensors") / "after.json").exists()
+    assert "the sample job draws it" in caplog.text
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_the_train_jobs_rows_are_the_sample_jobs_to_bf16_accuracy(tiny_model, instance, tmp_path,
                                                                           monkeypatch):

@@ -637,11 +637,21 @@ class SampleRows(pl.Callback):
             self.keep("before", self.draw(module, "before"), self.base)
 
     def draw(self, module, title: str):
-        with module.drawing():
-            return sample.sheet(module.sd, self.request, title, log.info)
+        """The row, or None where the GPU lacks the memory (the VAE decodes 4 images at a time)."""
+        try:
+            with module.drawing():
+                return sample.sheet(module.sd, self.request, title, log.info, decode_batch=4)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            log.warning("no GPU memory to draw the '%s' row of the final grid: the sample job draws it", title)
 
     def keep(self, title: str, row, source: dict) -> None:
-        sample.keep(self.folder, title, row, self.request, source)
+        if row is None:
+            return
+        try:
+            sample.keep(self.folder, title, row, self.request, source)
+        except OSError as e:
+            log.warning("the '%s' row of the final grid could not be kept (%s): the sample job draws it", title, e)
 
 
 class WriteModel(pl.Callback):
@@ -670,8 +680,7 @@ class WriteModel(pl.Callback):
             after = module.with_ema_weights(draw)
             written.result()
         log.info("model written to %s", self.out)
-        if after is not None:
-            self.rows.keep("after", after, sample.model_source(self.out))
+        self.rows.keep("after", after, sample.model_source(self.out))
         self.written = True
 
 
