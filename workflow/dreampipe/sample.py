@@ -61,6 +61,7 @@ def base_source(base_model, base_options: dict | None) -> dict:
 
 def keep(folder: Path, title: str, row: Image.Image, req: dict, source: dict) -> None:
     """A row and what it was drawn for; the JSON last, so a row without one is never used."""
+    (folder / f"{title}.json").unlink(missing_ok=True)
     save_atomic(row, folder / f"{title}.png")
     write_json({"request": req, "source": source}, folder / f"{title}.json")
 

@@ -630,11 +630,11 @@ class SampleRows(pl.Callback):
     def __init__(self, settings: dict, out: Path, base_model, base_options: dict):
         sheet = None if settings["low_memory"] else settings.get("sample_sheet")
         self.request = sheet and sample.request(**sheet, resolution=settings["resolution"])
-        self.folder, self.base = sample.rows_dir(out), sample.base_source(base_model, base_options)
+        self.folder, self.base = sample.rows_dir(out), (base_model, base_options)
 
     def on_train_start(self, trainer, module):
         if self.request and trainer.is_global_zero and trainer.global_step == 0:  # a resumed run kept its row
-            self.keep("before", self.draw(module, "before"), self.base)
+            self.keep("before", self.draw(module, "before"), sample.base_source(*self.base))
 
     def draw(self, module, title: str):
         """The row, or None where the GPU lacks the memory (the VAE decodes 4 images at a time)."""
@@ -682,7 +682,6 @@ class WriteModel(pl.Callback):
         log.info("model written to %s", self.out)
         self.rows.keep("after", after, sample.model_source(self.out))
         self.written = True
-
 
     def save(self, module, step: int, stream) -> None:
         """Each network in the dtype it holds: exact, and half the bytes of fp32 for a bf16 UNet
