@@ -108,17 +108,17 @@ def test_the_demo_learns_the_subject_and_prior_preservation_keeps_the_class_prom
     numbers, docs/quality.md, which also says how the recipe was chosen on these seeds).
 
     Measured on the dev seeds (2026-12-01, the model pretrained on an H200 that day, the demo's
-    800 steps at lr 5e-5 / 3e-4 and prior_loss_weight 0.5, 1 thread): the base model draws the
+    800 steps at lr 5e-5 / 4.5e-4 and prior_loss_weight 0.5, 1 thread): the base model draws the
     purple dotted star for "a photo of zxq star" in 0.00 of 32 seeds and, told "a photo of a purple
-    dotted star" in words, in 0.84; the demo finetune reaches 0.81, purple in 0.94, the subject
-    on a new background in 0.66 (background as asked 1.00), class colour entropy 0.79, language
+    dotted star" in words, in 0.84; the demo finetune reaches 0.88, purple in 0.97, the subject
+    on a new background in 0.81 (background as asked 1.00), class colour entropy 0.80, language
     drift 0.00. Recipes differ by up to 0.1-0.15 with the training seed or the thread count (one
-    seed is 0.03). Asserted: fidelity at least 0.55 and above the base model's; purple in at
-    least 0.7 of the subject samples; the subject on other backgrounds in at least 0.45, which
+    seed is 0.03). Asserted: fidelity at least 0.65 and above the base model's; purple in at
+    least 0.7 of the subject samples; the subject on other backgrounds in at least 0.6, which
     are drawn as asked; class samples still stars in several colours (8 colours drawn equally
     often give entropy 1, one colour 0); and the class prompt turns into the subject in at most
-    0.2 of the seeds. The same with prior_loss_weight 0 (test seeds: fidelity 0.64, language
-    drift 0.66, colour entropy 0.09) turns the class prompt into the subject and into nearly one
+    0.2 of the seeds. The same with prior_loss_weight 0 (test seeds: fidelity 0.70, language
+    drift 0.75, colour entropy 0.13) turns the class prompt into the subject and into nearly one
     colour: asserted, drift at least 0.3 above the demo's and entropy at least 0.4 below.
     """
     _, chars = config.load(yaml.safe_load((ROOT / "config/config.yaml").read_text()), ROOT)
@@ -143,14 +143,14 @@ def test_the_demo_learns_the_subject_and_prior_preservation_keeps_the_class_prom
     assert r["subject"] == {"shape": "star", "colour": "purple", "pattern": "dotted"}
     assert json.loads((tmp_path / "demo" / "evaluation.json").read_text()) == r
     before, after = r["before"], r["after"]
-    assert after["subject_fidelity"] >= 0.55, r
+    assert after["subject_fidelity"] >= 0.65, r
     assert after["subject_fidelity"] > before["subject_fidelity"], r
     assert after["subject_attributes"]["colour"] >= 0.7, r
-    assert after["recontext_both"] >= 0.45 and after["recontext_background"] >= 0.8, r
+    assert after["recontext_both"] >= 0.6 and after["recontext_background"] >= 0.8, r
     assert after["class_shape_rate"] >= 0.5, r
     assert after["class_colour_entropy"] >= 0.6, r
     assert after["language_drift"] <= max(0.2, before["language_drift"]), r
     # Prior preservation matters: without it the class prompt turns into the subject and loses
-    # its colours (test seeds: drift 0.66 against 0.03, colour entropy 0.09 against 0.79).
+    # its colours (test seeds: drift 0.75 against 0.03, colour entropy 0.13 against 0.74).
     assert no_prior["language_drift"] >= after["language_drift"] + 0.3, (no_prior, after)
     assert no_prior["class_colour_entropy"] <= after["class_colour_entropy"] - 0.4, (no_prior, after)
