@@ -92,8 +92,8 @@ def main(size: str, compile: str, batch: int, batches: int, steps: int, sampler:
     b = np.stack([np.asarray(im, dtype=np.float32) for im in first[:n]])
     name = f"class-images-{compile}{'-cudnn' if cudnn_benchmark else ''}{'-channels-last' if layout else ''}"
     save(name, {
-        "size": size, "compile": compile, "cudnn_benchmark": cudnn_benchmark, "memory_format": "channels_last" if model.unet.conv_in.weight.is_contiguous(
-            memory_format=torch.channels_last) else "nchw",
+        "size": size, "compile": compile, "cudnn_benchmark": cudnn_benchmark,
+        "channels_last": model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
         "batch": batch, "sampler": sampler,
         "steps": steps, "img_s": batch / sec, "first_batch_s": first_s, "png_ms": png_ms, "peak_gib": peak_gib(),
         "tflops": FLOP_IMG * batch / sec / 1e12 if size == "sd1" and steps == 50 and sampler == "ddim" else None,
