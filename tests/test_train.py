@@ -529,7 +529,11 @@ def test_rows_the_train_job_cannot_draw_or_keep_are_left_to_the_sample_job(tiny_
     """The rows are a saving, not a result: a failure to draw or keep them never costs the model."""
     from dreampipe import sample
 
+    sheet = sample.sheet
+
     def fail(*a, **k):
+        if failure == "out of GPU memory" and a[2] not in ("before", "after"):
+            return sheet(*a, **k)  # the training grids draw as usual
         raise OSError(28, "No space left on device") if failure == "disk full" else torch.cuda.OutOfMemoryError()
 
     monkeypatch.setattr(sample, "keep" if failure == "disk full" else "sheet", fail)

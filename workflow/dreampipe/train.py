@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from . import checkpoint, config, sample, sampling, speed, state_folder
 from .errors import DreampipeError
-from .images import grid, save_atomic, save_figure, stack
+from .images import save_atomic, save_figure, stack
 
 log = logging.getLogger("dreampipe.train")
 STATE_FILE = "last.ckpt"
@@ -587,14 +587,12 @@ class SampleGrid(pl.Callback):
             self.write(module, trainer.global_step)
 
     def write(self, module, step):
-        prompts = [p for p in self.s["sample_prompts"] for _ in self.s["sample_seeds"]]
-        seeds = [s for _ in self.s["sample_prompts"] for s in self.s["sample_seeds"]]
+        req = sample.request(self.s["sample_prompts"], self.s["sample_seeds"], self.s["resolution"],
+                             steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"],
+                             sampler="ddim")
         with module.drawing():
-            images = sampling.generate(module.sd, prompts, seeds, resolution=self.s["resolution"],
-                                       steps=self.s["sample_steps"], guidance_scale=self.s["sample_guidance_scale"],
-                                       decode_batch=1 if self.s["low_memory"] else None)
-        sheet = grid(images, [f"seed {s}" for s in seeds], columns=len(self.s["sample_seeds"]),
-                     row_titles=[f"step {step}: {p}" for p in self.s["sample_prompts"]])
+            sheet = sample.sheet(module.sd, req, f"step {step}", log.debug,
+                                 decode_batch=1 if self.s["low_memory"] else None)
         save_atomic(sheet, self.dir / f"step-{step:05d}.png")
 
     def over_steps(self, out: Path) -> None:
@@ -637,7 +635,10 @@ class SampleRows(pl.Callback):
             self.keep("before", self.draw(module, "before"), sample.base_source(*self.base))
 
     def draw(self, module, title: str):
-        """The row, or None where the GPU lacks the memory (the VAE decodes 4 images at a time)."""
+        """The row, or None where none is asked or the GPU lacks the memory (the VAE decodes 4
+        images at a time)."""
+        if not self.request:
+            return None
         try:
             with module.drawing():
                 return sample.sheet(module.sd, self.request, title, log.info, decode_batch=4)
@@ -669,7 +670,7 @@ class WriteModel(pl.Callback):
 
         def draw():
             self.sampler.write(module, step)
-            return self.rows.draw(module, "after") if self.rows.request else None
+            return self.rows.draw(module, "after")
 
         # the model is written by a thread, from a CUDA stream of its own, while the GPU draws
         side = torch.cuda.Stream(module.device) if module.device.type == "cuda" else None
