@@ -6,7 +6,8 @@
 # (../shared/tools/device-workflow-kit.sh). Works in /tmp/e2e (kept between calls of one machine, so
 # a second character there finds the base model and warm compile caches).
 # Env: NAME (alice), CLASS (woman), STEPS (1000), NCLASS (200), LIMIT (540 s), COLD=1 empties the
-# compile caches (Triton's and inductor's, under /tmp/e2e-cache) first, TRAIN_EXTRA (yaml lines under train:).
+# compile caches (Triton's and inductor's, under /tmp/e2e-cache) first, TRAIN_EXTRA (yaml lines under train:),
+# CHARACTER_EXTRA (top-level yaml lines of the character file), MASKS=1 (a subject mask beside each photo).
 # CPUS (e.g. 0-15): run on those cores only (taskset), so that a baseline beside it on the other
 # GPU gets the other half of the host: the diffusers example is CPU-bound and slowed by a third
 # when both shared 32 cores (docs/benchmarks.md, call 9).
@@ -21,7 +22,7 @@ export TRITON_CACHE_DIR=/tmp/e2e-cache/triton TORCHINDUCTOR_CACHE_DIR=/tmp/e2e-c
 [ -n "${COLD:-}" ] && rm -rf /tmp/e2e-cache results
 secs() { python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$@"; }
 python3 bench/sd1_base.py /tmp/base
-python3 bench/e2e_photos.py "/tmp/photos/$NAME"
+python3 bench/e2e_photos.py "/tmp/photos/$NAME" ${MASKS:+--masks}
 cat > config/config.yaml <<YAML
 base_model: /tmp/base/sd1-random.safetensors
 tokenizer: /tmp/base/tokenizer
@@ -36,6 +37,7 @@ class_images:
 train:
   max_steps: $STEPS
 ${TRAIN_EXTRA:-}
+${CHARACTER_EXTRA:-}
 YAML
 S=$(date +%s.%N)
 TORCH_LOGS=recompiles timeout ${LIMIT:-540} ${CPUS:+taskset -c $CPUS} snakemake --cores 16 --resources gpu=1 > "$OUT/e2e-$NAME.log" 2>&1; rc=$?

@@ -96,6 +96,19 @@ def test_e2e_photos_are_the_sizes_the_gpu_benchmark_uses(tmp_path):
     bench(tmp_path, "bench/e2e_photos.py", str(tmp_path / "photos"))
     sizes = {Image.open(p).size for p in (tmp_path / "photos").glob("*.jpg")}
     assert len(list((tmp_path / "photos").glob("*.jpg"))) == 20 and sizes == {(1200, 1600), (1600, 1200)}
+    assert not list((tmp_path / "photos").glob("*.mask.png")), "masks only when asked"
+
+
+def test_e2e_photos_masks_cover_the_subject(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    bench(tmp_path, "bench/e2e_photos.py", str(tmp_path / "photos"), "--masks")
+    photo, mask = (np.asarray(Image.open(tmp_path / "photos" / f"photo_01{s}")) for s in (".jpg", ".mask.png"))
+    assert mask.shape == photo.shape[:2]
+    subject = (np.abs(photo.astype(int) - (150, 40, 200)).max(-1) < 30)  # the ellipse (and a few noise pixels)
+    assert (mask[subject] == 255).mean() > 0.9 and (mask[~subject] == 0).mean() > 0.99
+    assert abs((mask == 255).mean() - np.pi / 16) < 0.01, "the ellipse of half the width and height"
 
 
 @pytest.mark.parametrize("script", ["bench/e2e_gpu.sh", "bench/diffusers_example_e2e.sh", "bench/multi_gpu.sh"])
