@@ -41,7 +41,9 @@ def photo_dir(wildcards):
 def prepare_masks(wildcards):
     """Subject masks are prepared for a subject's photos under train.masked_loss (class photos are
     never masked)."""
-    return wildcards.photos != "class_photos" and char(wildcards)["train"]["masked_loss"]
+    return (
+        wildcards.photos != "class_photos" and char(wildcards)["train"]["masked_loss"]
+    )
 
 
 def photo_caption(wildcards):
