@@ -357,3 +357,142 @@ def test_a_12000_px_photo_is_prepared_by_the_command(tmp_path):
                         "--instance-prompt", "a photo of sks dog"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())[1]["size"] == [12000, 12000]
+
+
+# ---- subject masks (train.masked_loss) ---------------------------------------------------------
+
+def square_photo(size, box, colour=GREEN, background=(128, 128, 128)):
+    im = Image.new("RGB", size, background)
+    im.paste(colour, box)
+    return im
+
+
+def square_mask(size, box, value=255):
+    im = Image.new("L", size, 0)
+    im.paste(value, box)
+    return im
+
+
+def assert_mask_matches_green(out, name="0000"):
+    """The prepared mask is the green square of the prepared photo: at every pixel its value is the
+    share of green there (G - R: 255 on the square, 0 on the grey background and the white padding;
+    in between on the square's edge), to a few levels of resampling and JPEG noise."""
+    image = np.asarray(Image.open(out / f"{name}.png")).astype(int)
+    mask = np.asarray(Image.open(out / f"{name}.mask.png")).astype(int)
+    assert mask.shape == image.shape[:2]
+    green = np.clip(image[..., 1] - image[..., 0], 0, 255)
+    assert (green > 200).sum() > 20
+    assert np.abs(mask - green).max() <= 24, np.abs(mask - green).max()
+
+
+@pytest.mark.parametrize("mode, gravity", [("pad", "center"), ("pad", "north"), ("crop", "center"),
+                                           ("crop", "east"), ("stretch", "center")])
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_a_mask_file_is_resized_padded_and_cropped_exactly_as_its_photo(tmp_path, mode, gravity, suffix):
+    """300x260 px: a JPEG that large is decoded at a reduced scale; the mask still lines up."""
+    box = (190, 60, 260, 140)
+    src = folder(tmp_path / "in")
+    square_photo((300, 260), box).save(src / f"a{suffix}", quality=98, subsampling=0)
+    square_mask((300, 260), box).save(src / "a.mask.png")
+    manifest = run(src, tmp_path / "out", mode=mode, gravity=gravity, masks=True)
+    assert manifest[0]["mask"] == "0000.mask.png" and manifest[0]["mask_source"] == str(src / "a.mask.png")
+    assert manifest[0]["mask_sha256"] == hashlib.sha256((src / "a.mask.png").read_bytes()).hexdigest()
+    assert_mask_matches_green(tmp_path / "out")
+    assert [m.get("mask") for m in manifest[1:]] == [None, None], "photos without a mask have none"
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.mask.png")) == ["0000.mask.png"]
+
+
+def test_the_mask_of_an_exif_rotated_photo_is_drawn_on_the_photo_as_displayed(tmp_path):
+    # stored 60x100 with the green square at the top; orientation 6 displays it 100x60, square on the right
+    stored = square_photo((60, 100), (10, 10, 50, 50))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src = folder(tmp_path / "in")
+    stored.save(src / "a.jpg", quality=98, subsampling=0, exif=exif)
+    square_mask((100, 60), (50, 10, 90, 50)).save(src / "a.mask.png")
+    run(src, tmp_path / "out", masks=True)
+    assert_mask_matches_green(tmp_path / "out")
+
+
+def test_a_grey_mask_keeps_its_grey(tmp_path):
+    src = folder(tmp_path / "in", a__png=square_photo((64, 64), (16, 16, 48, 48)))
+    square_mask((64, 64), (16, 16, 48, 48), value=128).save(src / "a.mask.png")
+    run(src, tmp_path / "out", masks=True)
+    mask = np.asarray(Image.open(tmp_path / "out" / "0000.mask.png")).astype(int)
+    assert abs(mask[32, 32] - 128) <= 1 and mask[2, 2] == 0
+
+
+def test_the_alpha_channel_is_the_mask_of_a_photo_without_a_mask_file(tmp_path):
+    im = Image.new("RGBA", (120, 80), (0, 0, 0, 0))
+    im.paste((0, 255, 0, 255), (70, 20, 110, 60))
+    src = folder(tmp_path / "in", a__png=im)
+    manifest = run(src, tmp_path / "out", masks=True, mode="crop", gravity="east")
+    assert manifest[0]["mask"] == "0000.mask.png" and manifest[0]["mask_source"] == "alpha channel"
+    assert "alpha flattened on white" in manifest[0]["operations"]
+    assert_mask_matches_green(tmp_path / "out")
+
+
+def test_a_mask_file_wins_over_the_alpha_channel(tmp_path):
+    im = Image.new("RGBA", (64, 64), (0, 255, 0, 255))
+    im.paste((0, 0, 0, 0), (0, 0, 64, 8))  # transparent top rows
+    src = folder(tmp_path / "in", a__png=im)
+    square_mask((64, 64), (0, 0, 32, 64)).save(src / "a.mask.png")
+    manifest = run(src, tmp_path / "out", masks=True)
+    assert manifest[0]["mask_source"] == str(src / "a.mask.png")
+    mask = np.asarray(Image.open(tmp_path / "out" / "0000.mask.png"))
+    assert mask[2, 10] == 255 and mask[40, 50] == 0
+
+
+def test_without_masks_nothing_of_masks_is_prepared_and_mask_files_are_never_photos(tmp_path):
+    im = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    im.paste((0, 255, 0, 255), (16, 16, 48, 48))
+    src = folder(tmp_path / "in", a__png=im, b__jpg=square_photo((64, 64), (0, 0, 8, 8)))
+    square_mask((64, 64), (0, 0, 8, 8)).save(src / "b.mask.png")
+    square_mask((64, 64), (0, 0, 8, 8)).save(src / "c.MASK.jpg")
+    manifest = run(src, tmp_path / "out")
+    assert [m["source"] for m in manifest] == [str(src / n) for n in ("a.png", "b.jpg", "z0.png", "z1.png")]
+    assert not any("mask" in m for m in manifest) and not list((tmp_path / "out").glob("*.mask.png"))
+    assert [p.name for p in prepare.input_files(src)] == ["a.png", "b.jpg", "z0.png", "z1.png"]
+    assert [p.name for p in prepare.input_files(src, masks=True)] == [
+        "a.png", "b.jpg", "b.mask.png", "c.MASK.jpg", "z0.png", "z1.png"]
+
+
+def test_a_mask_without_its_photo_is_ignored_with_a_warning(tmp_path, caplog):
+    src = folder(tmp_path / "in", a__png=square_photo((64, 64), (0, 0, 8, 8)))
+    square_mask((64, 64), (0, 0, 8, 8)).save(src / "typo.mask.png")
+    manifest = run(src, tmp_path / "out", masks=True)
+    assert len(manifest) == 3 and not any("mask" in m for m in manifest)
+    assert warnings_of(caplog) == ["typo.mask.png: a mask without a photo named typo.<ext>: ignored"]
+
+
+def test_a_mask_of_another_size_than_its_photo_is_an_error_naming_both(tmp_path):
+    src = folder(tmp_path / "in", a__jpg=square_photo((120, 80), (0, 0, 8, 8)))
+    square_mask((80, 120), (0, 0, 8, 8)).save(src / "a.mask.png")
+    with pytest.raises(DreampipeError, match=r"a\.mask\.png: the mask is 80x120 px but its photo .*a\.jpg is "
+                                             r"120x80 px .*must have the size of its photo"):
+        run(src, tmp_path / "out", masks=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_mask_files_for_one_photo_is_an_error_naming_both(tmp_path):
+    src = folder(tmp_path / "in", a__jpg=square_photo((64, 64), (0, 0, 8, 8)))
+    square_mask((64, 64), (0, 0, 8, 8)).save(src / "a.mask.png")
+    square_mask((64, 64), (0, 0, 8, 8)).save(src / "a.mask.webp")
+    with pytest.raises(DreampipeError, match=r"a\.jpg: 2 mask files \(a\.mask\.png, a\.mask\.webp\); keep one"):
+        run(src, tmp_path / "out", masks=True)
+
+
+def test_changing_a_mask_reruns_prepare_only_under_masked_loss(workflow):
+    photos = workflow.path / "example" / "photos"
+    first_photo = prepare.photo_files(photos)[0]
+    with Image.open(first_photo) as im:
+        square_mask(im.size, (0, 0, im.width // 2, im.height)).save(first_photo.with_suffix(".mask.png"))
+    workflow.character("alice", train={"masked_loss": True})
+    workflow.character("bob")
+    workflow.snakemake("--until", "prepare")
+    manifest = json.loads((workflow.path / "results/alice/instance/0/manifest.json").read_text())
+    assert manifest[0]["mask"] == "0000.mask.png"
+    assert workflow.snakemake("-n", "--until", "prepare").stdout.count("rule prepare:") == 0
+    square_mask(im.size, (0, 0, 4, 4)).save(first_photo.with_suffix(".mask.png"))
+    out = workflow.snakemake("-n", "--until", "prepare").stdout
+    assert out.count("rule prepare:") == 1 and "character=alice" in out and "character=bob" not in out, out

@@ -121,10 +121,10 @@ def wait_for(condition, proc, timeout=300, *, every=0.02, details=None):
 
 
 # Everything that carries state across steps is on: class images, EMA, a text encoder that stops
-# training midway, flips, offset noise, accumulation, a warm-up schedule.
+# training midway, flips, offset noise, caption dropout, accumulation, a warm-up schedule.
 RESUME_SETTINGS = dict(max_steps=8, save_state_every_n_steps=2, ema=True, train_text_encoder=True,
-                       text_encoder_steps=5, random_flip=True, offset_noise=0.1, gradient_accumulation_steps=2,
-                       lr_scheduler="linear", lr_warmup_steps=3)
+                       text_encoder_steps=5, random_flip=True, offset_noise=0.1, caption_dropout=0.3,
+                       snr_gamma=5.0, gradient_accumulation_steps=2, lr_scheduler="linear", lr_warmup_steps=3)
 
 
 def test_killed_training_resumes_to_bit_identical_weights(tiny_model, instance, class_images, tmp_path):
@@ -728,3 +728,158 @@ def test_mirror_images_are_encoded_only_for_random_flips(tiny_model, instance, t
     run(tiny_model, [(instance, None)], tmp_path, max_steps=1, random_flip=random_flip)
     pictures = len(json.loads((instance / "manifest.json").read_text()))
     assert sum(encoded) == pictures * (2 if random_flip else 1)
+
+
+# ---- masked loss, Min-SNR weighting, caption dropout --------------------------------------------
+
+def recording_unet(monkeypatch) -> list[dict]:
+    """Every UNet call of training: its text context and its output, whose gradient it keeps."""
+    calls, prepare_training = [], speed.prepare_training
+
+    def recording(model, s, device):
+        call = prepare_training(model, s, device)
+
+        def unet(noisy, timesteps, context):
+            out = call(noisy, timesteps, context)
+            out.retain_grad()
+            calls.append({"context": context.detach(), "pred": out, "timesteps": timesteps, "model": model})
+            return out
+        return unet
+
+    monkeypatch.setattr(speed, "prepare_training", recording)
+    return calls
+
+
+def masked(prepared: Path, dst: Path, n: int = 3) -> Path:
+    """The first n prepared images, each with a mask that keeps its left half."""
+    out = instance_subset(prepared, n, dst)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for i, m in enumerate(manifest):
+        mask = Image.new("L", (64, 64), 0)
+        mask.paste(255, (0, 0, 32, 64))
+        mask.save(out / f"{i:04d}.mask.png")
+        m["mask"] = f"{i:04d}.mask.png"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def flipped(position: int, kind: str = "instance", seed: int = 0) -> bool:
+    return bool(torch.rand((), generator=train.rng(seed, "item", kind, position)) < 0.5)
+
+
+@pytest.mark.parametrize("mask_min", [0.0, 0.25])
+def test_masked_loss_has_no_gradient_on_the_background_of_instance_images_only(tiny_model, instance, class_images,
+                                                                              tmp_path, monkeypatch, mask_min):
+    """The left half of each picture is the subject: 4 of the 8 latent columns; random flips flip
+    the mask with the picture. The class images are never masked."""
+    calls = recording_unet(monkeypatch)
+    photos = masked(instance, tmp_path / "masked")
+    run(tiny_model, [(photos, class_manifest(class_images, 3))], tmp_path / "run", max_steps=1, batch_size=4,
+        masked_loss=True, mask_min=mask_min, random_flip=True)
+    grad = calls[0]["pred"].grad
+    assert grad.shape == (8, 4, 8, 8)
+    flips = [flipped(p) for p in range(4)]
+    assert True in flips and False in flips
+    for i, flip in enumerate(flips):
+        subject, background = (grad[i, ..., 4:], grad[i, ..., :4]) if flip else (grad[i, ..., :4], grad[i, ..., 4:])
+        assert (subject != 0).all()
+        if mask_min:
+            assert (background != 0).all() and background.abs().mean() < subject.abs().mean()
+        else:
+            assert (background == 0).all()
+    assert (grad[4:] != 0).all(), "class images are learned whole"
+
+
+def test_masked_loss_weights_are_the_area_average_of_the_mask_at_latent_size(tiny_model, instance, tmp_path):
+    module = train.DreamBooth(checkpoint.load(tiny_model[0], tokenizer=tiny_model[1]),
+                              settings(masked_loss=True, mask_min=0.2))
+    module.instance_latents = {"mean": torch.zeros(1, 4, 2, 2)}
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :8] = 1  # the top left latent pixel all subject, the top right a quarter
+    mask[..., :4, 8:12] = 1
+    w = module._latent_masks(mask)
+    expected = torch.tensor([[1.0, 0.2 + 0.8 * 0.25], [0.2, 0.2]])
+    assert torch.allclose(w["mask"][0, 0], expected) and torch.allclose(w["mask_flip"][0, 0], expected.flip(-1))
+
+
+def test_masked_loss_without_any_mask_says_how_to_give_them(instance, caplog):
+    with pytest.raises(DreampipeError, match=r"train\.masked_loss is true but no photo in .* has a subject mask: put "
+                                             r"name\.mask\.png"):
+        train.DreamBoothData([(instance, None)], settings(masked_loss=True))
+
+
+def test_images_without_a_mask_are_learned_whole_with_a_warning(instance, tmp_path, caplog):
+    photos = masked(instance, tmp_path / "masked", n=4)
+    manifest = json.loads((photos / "manifest.json").read_text())
+    del manifest[1]["mask"]
+    (photos / "manifest.json").write_text(json.dumps(manifest))
+    data = train.DreamBoothData([(photos, None)], settings(masked_loss=True))
+    assert data.instance_masks.shape == (4, 1, 64, 64)
+    assert (data.instance_masks[1] == 1).all() and (data.instance_masks[0, ..., 32:] == 0).all()
+    assert "1 instance image(s) have no subject mask and are learned whole" in caplog.text
+    assert train.DreamBoothData([(photos, None)], settings()).instance_masks is None
+
+
+def test_min_snr_weights_follow_the_formula():
+    from diffusers import DDPMScheduler
+
+    from dreampipe import losses
+
+    alphas = DDPMScheduler(num_train_timesteps=1000).alphas_cumprod
+    t = torch.tensor([0, 50, 300, 999])
+    w_eps = losses.min_snr_weight(alphas, t, 5.0)
+    w_v = losses.min_snr_weight(alphas, t, 5.0, "v_prediction")
+    for i, step in enumerate(t.tolist()):
+        snr = float(alphas[step] / (1 - alphas[step]))
+        assert w_eps[i].item() == pytest.approx(min(snr, 5.0) / snr, rel=1e-5)
+        assert w_v[i].item() == pytest.approx(min(snr, 5.0) / (snr + 1), rel=1e-5)
+    assert w_eps[0] < 0.01 and w_eps[-1] == 1.0  # clean timesteps weigh little, noisy ones fully
+
+
+def test_the_loss_changes_with_snr_gamma_and_null_is_the_plain_mse(tiny_model):
+    model = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1])
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([5, 400, 990])
+    plain = train.DreamBooth(model, settings()).noise_loss(pred, target, t)
+    assert torch.allclose(plain.mean(), torch.nn.functional.mse_loss(pred, target))
+    assert torch.allclose(plain, ((pred - target) ** 2).mean(dim=(1, 2, 3)))
+    module = train.DreamBooth(model, settings(snr_gamma=5.0))
+    weighted = module.noise_loss(pred, target, t)
+    alphas = module.noise_scheduler.alphas_cumprod[t]
+    snr = alphas / (1 - alphas)
+    assert torch.allclose(weighted, plain * snr.clamp(max=5) / snr)
+    assert weighted[0] < plain[0] / 10 and weighted[2] == plain[2]
+
+
+def test_snr_gamma_reaches_training(tiny_model, instance, tmp_path):
+    """A small gamma, so that items of one batch weigh differently (Adam does not see a scale
+    common to every gradient)."""
+    plain = run(tiny_model, [(instance, None)], tmp_path / "plain", max_steps=3, batch_size=2)
+    weighted = run(tiny_model, [(instance, None)], tmp_path / "weighted", max_steps=3, batch_size=2, snr_gamma=0.5)
+    assert not identical(part(plain, UNET), part(weighted, UNET))
+
+
+def test_caption_dropout_is_a_draw_of_the_seed_and_the_position():
+    draws = [train.caption_dropped(0, p, 0.3) for p in range(400)]
+    assert draws == [train.caption_dropped(0, p, 0.3) for p in range(400)]
+    assert 80 < sum(draws) < 160
+    assert draws != [train.caption_dropped(1, p, 0.3) for p in range(400)]
+    assert not any(train.caption_dropped(0, p, 0.0) for p in range(400))
+    assert all(train.caption_dropped(0, p, 1.0) for p in range(400))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0])
+def test_caption_dropout_gives_instance_items_the_empty_caption(tiny_model, instance, class_images, tmp_path,
+                                                                monkeypatch, dropout):
+    calls = recording_unet(monkeypatch)
+    run(tiny_model, [(instance, class_manifest(class_images, 3))], tmp_path, max_steps=1, batch_size=6,
+        caption_dropout=dropout)
+    context, model = calls[0]["context"], calls[0]["model"]
+    with torch.no_grad():
+        empty, robot = sampling.encode_prompts(model, ["", "a photo of a robot"])
+    dropped = [torch.equal(c, empty) for c in context[:6]]
+    assert dropped == [train.caption_dropped(0, p, dropout) for p in range(6)]
+    if dropout == 0.5:
+        assert True in dropped and False in dropped
+    assert all(torch.equal(c, robot) for c in context[6:]), "class images keep their caption"

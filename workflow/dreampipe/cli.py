@@ -85,7 +85,7 @@ def cmd_prepare(a):
     from . import prepare
 
     manifest = prepare.run(Path(a.instance_dir), Path(a.out), a.resolution, a.mode, a.background,
-                           a.instance_prompt, a.gravity, a.on_bad_image, a.workers)
+                           a.instance_prompt, a.gravity, a.on_bad_image, a.workers, masks=a.masks)
     log.info("prepared %d images into %s", len(manifest), a.out)
 
 
@@ -238,6 +238,8 @@ def main(argv=None) -> int:
                              "south_west", "south_east"])
     sp.add_argument("--on-bad-image", default="error", choices=["error", "skip"])
     sp.add_argument("--workers", type=int, default=1, help="photos prepared in parallel")
+    sp.add_argument("--masks", action="store_true",
+                    help="also prepare each photo's subject mask (name.mask.png beside it, or its transparency)")
 
     sp = add("class-images", cmd_class_images, "generate the missing class images of a set")
     sp.add_argument("--model")

@@ -32,6 +32,7 @@ from PIL import Image, ImageFilter
 from . import checkpoint, evaluate, sampling, speed, tiny, toyworld
 from .files import write_json
 from .images import grid, save_atomic, save_figure
+from .losses import min_snr_weight, noise_loss
 
 log = logging.getLogger("dreampipe.pretrain")
 MODEL_FILE = "toy-sd.safetensors"
@@ -274,11 +275,9 @@ def train_unet(model: checkpoint.StableDiffusion, latents, stds, things: list[to
         noise = torch.randn(x0.shape, generator=g, device=device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bs,), generator=g, device=device)
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, model.text_encoder(ids)[0])
-        # Min-SNR-gamma weighting (Hang et al. 2023): the nearly clean timesteps, whose noise is
-        # hardest to see and least useful to learn, stop dominating the gradient; converges faster
-        snr = alphas[t] / (1 - alphas[t])
-        weight = snr.clamp(max=s["min_snr_gamma"]) / snr if s["min_snr_gamma"] else torch.ones_like(snr)
-        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        # Min-SNR-gamma weighting: converges faster
+        weight = min_snr_weight(alphas, t, s["min_snr_gamma"]) if s["min_snr_gamma"] else None
+        loss = noise_loss(pred, noise, item_weights=weight).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         return loss.detach()

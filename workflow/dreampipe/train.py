@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from . import checkpoint, config, sample, sampling, speed, state_folder
 from .errors import DreampipeError
 from .images import save_atomic, save_figure, stack
+from .losses import min_snr_weight, noise_loss
 
 log = logging.getLogger("dreampipe.train")
 STATE_FILE = "last.ckpt"
@@ -46,6 +48,11 @@ def rng(*key) -> torch.Generator:
     """A generator seeded by a hash of `key`: independent streams with no seed arithmetic to collide."""
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def caption_dropped(seed: int, position: int, probability: float) -> bool:
+    """train.caption_dropout: whether the instance item at `position` trains on the empty caption."""
+    return bool(torch.rand((), generator=rng(seed, "caption_dropout", position)) < probability)
 
 
 def cycle_index(seed: int, stream, position: int, count: int) -> int:
@@ -107,6 +114,7 @@ class DreamBoothData(pl.LightningDataModule):
             raise DreampipeError("every subject needs class images, or none: give each subject a class manifest")
         self.instance_images = sampling.from_pil(read_images(instance))
         self.class_images = sampling.from_pil(read_images(classes)) if classes else torch.empty(0)
+        self.instance_masks = read_masks(subjects, self.instance_images.shape[-2:]) if settings["masked_loss"] else None
 
     def train_dataloader(self):
         accum, trainer = self.settings["gradient_accumulation_steps"], self.trainer
@@ -117,6 +125,30 @@ class DreamBoothData(pl.LightningDataModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # indices stay on the CPU, where they are used; the module uploads what the GPU needs
+
+
+def read_masks(subjects: list[tuple[Path, Path | None]], size) -> torch.Tensor:
+    """train.masked_loss: the subject mask of every instance image (the "mask" of its manifest
+    entry, written by prepare), N x 1 x H x W in 0..1; an image without one is all subject (1)."""
+    masks, missing = [], []
+    for instance_dir, _ in subjects:
+        for m in json.loads((Path(instance_dir) / "manifest.json").read_text()):
+            if "mask" in m:
+                with Image.open(Path(instance_dir) / m["mask"]) as im:
+                    masks.append(torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255))
+            else:
+                masks.append(torch.ones(tuple(size)))
+                missing.append(m["source"])
+    if len(missing) == len(masks):
+        folders = ", ".join(sorted({str(Path(m).parent) for m in missing}))  # the photo folders
+        raise DreampipeError(
+            f"train.masked_loss is true but no photo in {folders} has a subject mask: put name.mask.png "
+            "(white = subject, black = background) beside name.jpg, or use photos with a transparent background "
+            "(then prepare again), or set train.masked_loss: false")
+    if missing:
+        log.warning("%d instance image(s) have no subject mask and are learned whole: %s", len(missing),
+                    ", ".join(Path(m).name for m in missing))
+    return torch.stack(masks)[:, None]
 
 
 def read_images(files: list) -> list[Image.Image]:
@@ -135,6 +167,8 @@ class DreamBooth(pl.LightningModule):
         self.sd, self.s = model, settings
         self.unet, self.vae, self.text_encoder = model.unet, model.vae, model.text_encoder
         self.noise_scheduler = DDPMScheduler.from_config(model.architecture["scheduler"])
+        # for Min-SNR weights on the training device (not in the state: persistent=False)
+        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(settings["train_text_encoder"])
         if settings["gradient_checkpointing"]:
@@ -154,7 +188,8 @@ class DreamBooth(pl.LightningModule):
         dm = self.trainer.datamodule
         self.vae.eval()
         self._frozen_to(device)
-        self.captions = list(dict.fromkeys(dm.instance_captions + dm.class_captions))
+        empty = [""] if self.s["caption_dropout"] else []  # the caption of dropped ones
+        self.captions = list(dict.fromkeys(dm.instance_captions + dm.class_captions + empty))
         index = {c: i for i, c in enumerate(self.captions)}
         self.instance_caption = torch.tensor([index[c] for c in dm.instance_captions])
         self.class_caption = torch.tensor([index[c] for c in dm.class_captions], dtype=torch.long)
@@ -162,6 +197,7 @@ class DreamBooth(pl.LightningModule):
         if not self.text_encoder_trained():
             self.cache_captions()
         self.instance_latents = self._encode_images(dm.instance_images)
+        self.instance_masks = self._latent_masks(dm.instance_masks)
         self.class_latents = self._encode_images(dm.class_images) if len(dm.class_images) else None
         log.info("latents of %d images cached", len(dm.instance_images) + len(dm.class_images))
 
@@ -234,13 +270,25 @@ class DreamBooth(pl.LightningModule):
         out = {k: torch.cat(v) for k, v in out.items() if v}
         return out if flips else {**out, "mean_flip": out["mean"], "std_flip": out["std"]}
 
+    def _latent_masks(self, masks: torch.Tensor | None) -> dict | None:
+        """train.masked_loss: each instance image's subject mask at latent size (the area average
+        of its pixels) as loss weights, mask_min + (1 - mask_min) x mask, beside the latents,
+        with its mirror image ("_flip") for random_flip; None without masks."""
+        if masks is None:
+            return None
+        latents = self.instance_latents["mean"]
+        w = F.interpolate(masks, size=latents.shape[-2:], mode="area").to(latents.device)
+        w = self.s["mask_min"] + (1 - self.s["mask_min"]) * w
+        return {"mask": w, "mask_flip": w.flip(-1)}
+
     def _embed(self, captions: list[str]) -> torch.Tensor:
         ids = self.sd.tokenizer(captions, padding="max_length", truncation=True,
                                 max_length=self.sd.tokenizer.model_max_length, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
-    def _items(self, cache: dict, index: list[int], positions: list[int], kind: str):
-        """Latents, noise and timesteps of the items, each drawn from its own (seed, position) stream."""
+    def _items(self, cache: dict, index: list[int], positions: list[int], kind: str, masks: dict | None = None):
+        """Latents, noise and timesteps of the items, each drawn from its own (seed, position) stream;
+        given `masks` (_latent_masks), also their pixel weights, flipped with their latents."""
         shape = cache["mean"].shape[1:]
         flips, eps, noise, timesteps = [], [], [], []
         for p in positions:
@@ -257,15 +305,35 @@ class DreamBooth(pl.LightningModule):
             torch.stack(timesteps))
         mean = torch.where(flip, cache["mean_flip"][index], cache["mean"][index])
         std = torch.where(flip, cache["std_flip"][index], cache["std"][index])
-        return (mean + std * eps) * self.vae.config.scaling_factor, noise, timesteps
+        latents = (mean + std * eps) * self.vae.config.scaling_factor
+        if masks is None:
+            return latents, noise, timesteps
+        return latents, noise, timesteps, torch.where(flip, masks["mask_flip"][index], masks["mask"][index])
+
+    def noise_loss(self, pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-item loss (losses.noise_loss): the squared error, weighted per latent pixel by
+        `weights` (subject masks) and per item by Min-SNR-gamma when train.snr_gamma is set."""
+        gamma = self.s["snr_gamma"]
+        snr = None if gamma is None else min_snr_weight(self.alphas_cumprod, timesteps, gamma,
+                                                        self.noise_scheduler.config.prediction_type)
+        return noise_loss(pred, target, weights, snr)
+
+    def drop_captions(self, caption_ids: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """train.caption_dropout: the items' captions, the empty one where the item's own draw drops it."""
+        if not self.s["caption_dropout"]:
+            return caption_ids
+        dropped = torch.tensor([caption_dropped(self.s["seed"], p, self.s["caption_dropout"]) for p in positions])
+        return torch.where(dropped, self.captions.index(""), caption_ids)
 
     def training_step(self, batch, batch_idx):
         if self.caption_embeddings is None and not self.text_encoder_trained():
             self.cache_captions()
         positions = batch["position"]
         n_inst, n_cls = len(batch["instance"]), len(batch["class"])
-        parts = [self._items(self.instance_latents, batch["instance"], positions, "instance")]
-        caption_ids = [self.instance_caption[batch["instance"]]]
+        instance = self._items(self.instance_latents, batch["instance"], positions, "instance", self.instance_masks)
+        parts, pixel_weights = [instance[:3]], instance[3] if len(instance) > 3 else None
+        caption_ids = [self.drop_captions(self.instance_caption[batch["instance"]], positions)]
         if n_cls:
             parts.append(self._items(self.class_latents, batch["class"], positions, "class"))
             caption_ids.append(self.class_caption[batch["class"]])
@@ -277,11 +345,11 @@ class DreamBooth(pl.LightningModule):
         else:
             context = self.caption_embeddings[upload(self.device, caption_ids)[0]]
         pred = self.unet_call(noisy, timesteps, context)
-        loss = instance_loss = F.mse_loss(pred[:n_inst].float(), noise[:n_inst].float())
+        loss = instance_loss = self.noise_loss(pred[:n_inst], noise[:n_inst], timesteps[:n_inst], pixel_weights).mean()
         prior_loss = torch.full_like(loss, float("nan"))
         self.log("instance_loss", instance_loss)
         if n_cls:
-            prior_loss = F.mse_loss(pred[n_inst:].float(), noise[n_inst:].float())
+            prior_loss = self.noise_loss(pred[n_inst:], noise[n_inst:], timesteps[n_inst:]).mean()  # never masked
             loss = loss + self.s["prior_loss_weight"] * prior_loss
             self.log("prior_loss", prior_loss)
         self.log("loss", loss, prog_bar=True)

@@ -38,6 +38,14 @@ def photo_dir(wildcards):
     return s["instance_dir"] if s else char(wildcards)["class_images"]["class_data"]
 
 
+def prepare_masks(wildcards):
+    """Subject masks are prepared for a subject's photos under train.masked_loss (class photos are
+    never masked)."""
+    return (
+        wildcards.photos != "class_photos" and char(wildcards)["train"]["masked_loss"]
+    )
+
+
 def photo_caption(wildcards):
     s = photo_subject(wildcards.photos, char(wildcards))
     return (

@@ -2,7 +2,7 @@
 # class photos when class_images.class_data names a folder (class_photos, with the class prompt).
 rule prepare:
     input:
-        lambda wc: dpprepare.input_files(photo_dir(wc)),
+        lambda wc: dpprepare.input_files(photo_dir(wc), masks=prepare_masks(wc)),
     output:
         report(
             directory(f"{R}/{{character}}/{{photos}}"),
@@ -29,8 +29,9 @@ rule prepare:
         gravity=lambda wc: char(wc)["prepare"]["gravity"],
         on_bad_image=lambda wc: char(wc)["prepare"]["on_bad_image"],
         caption=photo_caption,
+        masks=lambda wc: shlex.join(["--masks"]) if prepare_masks(wc) else "",
     shell:
         "dreampipe prepare {params.photo_dir:q} {output:q} --resolution {params.resolution:q}"
         " --mode {params.mode:q} --background {params.background:q} --gravity {params.gravity:q}"
         " --on-bad-image {params.on_bad_image:q} --instance-prompt {params.caption:q}"
-        " --workers {threads:q} --log {log:q}"
+        " --workers {threads:q} {params.masks} --log {log:q}"
