@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .errors import DreampipeError
 
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
 ATTENTION_BLOCKS = {"unet": ("Transformer2DModel",), "text_encoder": ("CLIPAttention", "CLIPMLP")}
@@ -94,17 +95,24 @@ def delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.einsum("or,rikl->oikl", up.float().flatten(1), down.float()) * (alpha / rank)
 
 
-def merge(model: checkpoint.StableDiffusion, layers: dict, scale: float = 1.0) -> None:
-    """Add the layers' weight changes to the model's networks, in place."""
+def merge(model: checkpoint.StableDiffusion, layers: dict, scale: float = 1.0, *, source="the LoRA") -> None:
+    """Add the layers' weight changes to the model's networks, in place. A layer the model lacks,
+    or of another shape, is refused before anything changes (`source` names the file in the message)."""
     modules = {}
     for part in PREFIXES:
         net = getattr(model, part)
         modules.update({kohya_name(part, n): m for n, m in net.named_modules()})
-    missing = sorted(set(layers) - modules.keys())
-    if missing:
-        raise checkpoint.DreampipeError(f"the LoRA names {len(missing)} layers this model lacks, e.g. {missing[0]}: "
-                                        "it was made for another architecture")
+    deltas = {}
+    for name, (down, up, alpha) in sorted(layers.items()):
+        weight = getattr(modules.get(name), "weight", None)
+        change = None if weight is None else delta(down, up, alpha)
+        if change is None or change.numel() != weight.numel():  # 1x1 convs may come as linears
+            what = (f"the model has no layer {name}" if weight is None else
+                    f"layer {name} is {tuple(change.shape)} here, {tuple(weight.shape)} in the model")
+            raise DreampipeError(f"{source}: {what}: it was made for another architecture; use it with a "
+                                 "model of the architecture it was trained on")
+        deltas[name] = change
     with torch.no_grad():
-        for name, (down, up, alpha) in layers.items():
+        for name, change in deltas.items():
             weight = modules[name].weight
-            weight += (scale * delta(down, up, alpha)).to(weight.dtype).reshape(weight.shape)
+            weight += (scale * change).to(weight.dtype).reshape(weight.shape)

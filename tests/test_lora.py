@@ -1,0 +1,152 @@
+"""LoRA files in kohya's layout: the names sd-scripts gives SD 1.x, diffusers' own loader reads them
+to the same model as our merge, extraction from a finetune, and the files' metadata."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreampipe import checkpoint, lora, modelspec
+from dreampipe.errors import DreampipeError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sd1_networks():
+    """The full SD 1.x UNet and text encoder, on the meta device (shapes, no weights)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    arch = checkpoint.sd1_architecture()
+    with torch.device("meta"):
+        return (UNet2DConditionModel.from_config(arch["unet"]),
+                CLIPTextModel(CLIPTextConfig(**arch["text_encoder"])))
+
+
+def kohya_names(net, part, conv=False):
+    return {lora.kohya_name(part, name) for name in lora.targets(net, part, conv)}
+
+
+def test_sd1_layer_names_and_counts_are_those_of_sd_scripts(sd1_networks):
+    """sd-scripts (networks/lora.py) prints "create LoRA for Text Encoder: 72 modules" and
+    "create LoRA for U-Net: 192 modules" for SD 1.x, 278 with conv_dim (LoCon)."""
+    unet, text_encoder = sd1_networks
+    unet_names, te_names = kohya_names(unet, "unet"), kohya_names(text_encoder, "text_encoder")
+    assert (len(unet_names), len(te_names)) == (192, 72)
+    assert {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+            "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0",
+            "lora_unet_mid_block_attentions_0_proj_in",
+            "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_2",
+            "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_ff_net_0_proj"} <= unet_names
+    assert {"lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+            "lora_te_text_model_encoder_layers_11_self_attn_out_proj",
+            "lora_te_text_model_encoder_layers_11_mlp_fc2"} <= te_names
+    assert all(n.startswith("lora_unet_") for n in unet_names) and all(n.startswith("lora_te_") for n in te_names)
+
+    locon = lora.targets(unet, "unet", conv=True)
+    names = {lora.kohya_name("unet", n) for n in locon}
+    assert len(names) == 278 and unet_names < names
+    assert {"lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
+            "lora_unet_down_blocks_0_downsamplers_0_conv", "lora_unet_up_blocks_0_upsamplers_0_conv",
+            "lora_unet_mid_block_resnets_1_time_emb_proj"} <= names
+    # 3x3 convs take conv_rank, 1x1 convs and linears the rank
+    assert locon["down_blocks.0.resnets.0.conv1"] and not locon["down_blocks.1.resnets.0.conv_shortcut"]
+    assert not locon["mid_block.resnets.1.time_emb_proj"] and not locon["mid_block.attentions.0.proj_in"]
+    assert sum(locon.values()) == 50
+
+
+def random_layers(model, rank=2, alpha=1.0, seed=0, conv_rank=None):
+    """Nonzero random LoRA layers for every attention (and, with conv_rank, conv) layer of the model."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for part in lora.PREFIXES:
+        net = getattr(model, part)
+        for name, wide in lora.targets(net, part, conv=conv_rank is not None).items():
+            weight = net.get_submodule(name).weight
+            r = conv_rank if wide else rank
+            if weight.dim() == 2:
+                down, up = torch.randn(r, weight.shape[1], generator=g), torch.randn(weight.shape[0], r, generator=g)
+            else:
+                down = torch.randn(r, *weight.shape[1:], generator=g)
+                up = torch.randn(weight.shape[0], r, 1, 1, generator=g)
+            layers[lora.kohya_name(part, name)] = (down * 0.1, up * 0.1, alpha)
+    return layers
+
+
+def test_save_and_load_round_trip_the_layers_with_their_alpha(tiny_model, tmp_path):
+    path, tokenizer = tiny_model
+    model = checkpoint.load(path, tokenizer=tokenizer)
+    layers = random_layers(model, rank=4, alpha=1.5, conv_rank=2)
+    out = lora.save(layers, tmp_path / "x.safetensors", dtype="fp32")
+    back = lora.load(out)
+    assert back.keys() == layers.keys()
+    for name, (down, up, alpha) in layers.items():
+        assert torch.equal(back[name][0], down) and torch.equal(back[name][1], up) and back[name][2] == alpha
+    # fp16 by default, alpha included
+    half, _ = checkpoint.read_state_dict(lora.save(layers, tmp_path / "h.safetensors"))
+    assert {v.dtype for v in half.values()} == {torch.float16}
+
+
+def test_merge_adds_up_down_times_alpha_over_rank(tiny_model):
+    path, tokenizer = tiny_model
+    model = checkpoint.load(path, tokenizer=tokenizer)
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q"
+    down, up = torch.randn(3, 64), torch.randn(64, 3)
+    lora.merge(model, {name: (down, up, 1.5)}, scale=2.0)
+    key = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    torch.testing.assert_close(model.unet.state_dict()[key], before[key] + 2.0 * (up @ down) * 0.5)
+
+
+def test_merging_a_lora_of_another_architecture_is_refused(tiny_model, sd1_networks, tmp_path):
+    path, tokenizer = tiny_model
+    model = checkpoint.load(path, tokenizer=tokenizer)
+    unet, text_encoder = sd1_networks
+    # SD 1.x's 12 text encoder layers: names the tiny model (2 layers) lacks
+    name = "lora_te_text_model_encoder_layers_11_mlp_fc2"
+    with pytest.raises(DreampipeError, match=f"x.safetensors.*{name}.*another architecture"):
+        lora.merge(model, {name: (torch.zeros(2, 3072), torch.zeros(768, 2), 2.0)}, source="x.safetensors")
+    # a name both have, with SD 1.x's shapes
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    with pytest.raises(DreampipeError, match=f"{name}.*another architecture"):
+        lora.merge(model, {name: (torch.zeros(2, 320, 1, 1), torch.zeros(320, 2, 1, 1), 2.0)})
+
+
+def test_diffusers_loads_our_file_to_the_model_our_merge_makes(tiny_model, tmp_path):
+    """diffusers' kohya converter (load_lora_weights, through peft) reads the file; its pipeline
+    then draws what the base model with lora.merge applied draws."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path, tokenizer = tiny_model
+
+    def pipeline(model):
+        return StableDiffusionPipeline(
+            vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+            scheduler=DDIMScheduler.from_config(model.architecture["scheduler"]), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+
+    def draw(pipe):
+        return pipe("a photo of zxq robot", num_inference_steps=2, height=64, width=64,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    base = checkpoint.load(path, tokenizer=tokenizer)
+    layers = random_layers(base, rank=2, alpha=1.0, conv_rank=2)
+    file = lora.save(layers, tmp_path / "zxq.lora.safetensors", dtype="fp32")
+    before = draw(pipeline(base))
+
+    pipe = pipeline(base)
+    pipe.load_lora_weights(str(file))
+    loaded = draw(pipe)
+    adapted = {n for n, _ in pipe.unet.named_modules() if n.endswith(".lora_A")} | \
+              {n for n, _ in pipe.text_encoder.named_modules() if n.endswith(".lora_A")}
+    assert len(adapted) == len(layers), "diffusers left layers of the file out"
+
+    merged = checkpoint.load(path, tokenizer=tokenizer)
+    lora.merge(merged, lora.load(file))
+    after = draw(pipeline(merged))
+    assert abs(after - before).max() > 0.05, "the LoRA changes nothing: the test would be vacuous"
+    assert abs(loaded - after).max() < 1e-4
