@@ -150,3 +150,70 @@ def test_diffusers_loads_our_file_to_the_model_our_merge_makes(tiny_model, tmp_p
     after = draw(pipeline(merged))
     assert abs(after - before).max() > 0.05, "the LoRA changes nothing: the test would be vacuous"
     assert abs(loaded - after).max() < 1e-4
+
+
+def header_and_data(path):
+    """The JSON header and the bytes after it, read by hand (the safetensors layout)."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def check_hashes(path, meta):
+    """modelspec.hash_sha256 is 0x + SHA-256 of the bytes after the header, which are also the
+    tensors' raw bytes in the order of their offsets (sd-scripts' per-tensor recipe)."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    header, data = header_and_data(path)
+    assert header["__metadata__"] == meta
+    assert meta["modelspec.hash_sha256"] == "0x" + hashlib.sha256(data).hexdigest()
+    by_offset = sorted((v["data_offsets"], k) for k, v in header.items() if k != "__metadata__")
+    with safe_open(str(path), framework="pt") as f:
+        tensors = b"".join(f.get_tensor(k).reshape(-1).view(torch.uint8).numpy().tobytes() for _, k in by_offset)
+    assert tensors == data
+    assert modelspec.data_hash(path) == meta["modelspec.hash_sha256"][2:]
+
+
+def test_an_exported_model_carries_modelspec_metadata_and_the_hash_of_its_data(tiny_model, tmp_path):
+    import datetime
+
+    from dreampipe import export
+
+    path, tokenizer = tiny_model
+    settings = {"subjects": [{"token": "zxq", "class_word": "robot", "instance_prompt": "a photo of zxq robot"}],
+                "resolution": 64, "learning_rate": 1e-6}
+    out = export.run(path, tmp_path / "alice.safetensors", "fp16", tokenizer, settings)
+    _, meta = checkpoint.read_state_dict(out)
+    assert {k: v for k, v in meta.items() if k.startswith("modelspec.") and k not in (
+        "modelspec.date", "modelspec.hash_sha256")} == {
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-v1",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+        "modelspec.title": "alice", "modelspec.resolution": "64x64", "modelspec.prediction_type": "epsilon",
+        "modelspec.trigger_phrase": "a photo of zxq robot"}
+    assert json.loads(meta["dreampipe.settings"]) == settings
+    written = datetime.datetime.fromisoformat(meta["modelspec.date"])
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - written).total_seconds()) < 120
+    check_hashes(out, meta)
+    # the same tensors give the same hash whatever the metadata; other tensors another
+    again = export.run(path, tmp_path / "bob.safetensors", "fp16", tokenizer, {})
+    assert checkpoint.read_state_dict(again)[1]["modelspec.hash_sha256"] == meta["modelspec.hash_sha256"]
+    fp32 = export.run(path, tmp_path / "alice32.safetensors", "fp32", tokenizer, settings)
+    assert checkpoint.read_state_dict(fp32)[1]["modelspec.hash_sha256"] != meta["modelspec.hash_sha256"]
+    # a .ckpt keeps the keys but no hash (the hash is of a safetensors file's data)
+    _, ckpt = checkpoint.read_state_dict(export.run(path, tmp_path / "alice.ckpt", "fp16", tokenizer, settings))
+    assert ckpt["modelspec.title"] == "alice" and "modelspec.hash_sha256" not in ckpt
+
+
+def test_a_lora_file_carries_modelspec_metadata_and_the_hash_automatic1111_reads(tiny_model, tmp_path):
+    path, tokenizer = tiny_model
+    layers = random_layers(checkpoint.load(path, tokenizer=tokenizer))
+    out = lora.save(layers, tmp_path / "alice.lora.safetensors", metadata={"ss_network_dim": "2"})
+    _, meta = checkpoint.read_state_dict(out)
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.implementation"] == "diffusers"
+    assert meta["modelspec.title"] == "alice.lora" and meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "2"
+    check_hashes(out, meta)
+    assert meta["sshs_model_hash"] == meta["modelspec.hash_sha256"][2:]

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, modelspec
 from .errors import DreampipeError
 
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
 ATTENTION_BLOCKS = {"unet": ("Transformer2DModel",), "text_encoder": ("CLIPAttention", "CLIPMLP")}
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-ARCHITECTURE = "stable-diffusion-v1/lora"
+ARCHITECTURE = modelspec.ARCHITECTURE + "/lora"
 
 
 def targets(net: torch.nn.Module, part: str, conv: bool = False) -> dict[str, bool]:
@@ -71,9 +71,12 @@ def to_state_dict(layers: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(layers: dict, path, dtype: str | None = "fp16", metadata: dict | None = None) -> Path:
-    """Write `layers` (kohya name -> (down, up, alpha)) as one .safetensors, atomically."""
-    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCHITECTURE,
+def save(layers: dict, path, dtype: str | None = "fp16", metadata: dict | None = None, *,
+         settings: dict | None = None, resolution: int | None = None, title: str | None = None) -> Path:
+    """Write `layers` (kohya name -> (down, up, alpha)) as one .safetensors, atomically, with the
+    modelspec keys of a LoRA (modelspec.py: title the file's name unless given; the training
+    `resolution` and `settings` when known); `metadata` adds keys or overrides them."""
+    meta = {**modelspec.metadata(title or Path(path).stem, lora=True, resolution=resolution, settings=settings),
             "ss_network_module": "networks.lora", **(metadata or {})}
     return checkpoint.write_file(to_state_dict(layers), path, dtype, meta)
 
