@@ -217,3 +217,105 @@ def test_a_lora_file_carries_modelspec_metadata_and_the_hash_automatic1111_reads
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "2"
     check_hashes(out, meta)
     assert meta["sshs_model_hash"] == meta["modelspec.hash_sha256"][2:]
+
+
+@pytest.fixture(scope="module")
+def finetune(tiny_model, tmp_path_factory):
+    """A "finetune" of the tiny model: every UNet layer LoRA targets (3x3 convs too) and half the
+    text encoder's moved by a random full-rank change, biases and norms too; saved in fp32."""
+    path, tokenizer = tiny_model
+    model = checkpoint.load(path, tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            p += 0.01 * torch.randn(p.shape, generator=g)
+        for name, p in model.text_encoder.named_parameters():
+            if "layers.1." in name:
+                p += 0.01 * torch.randn(p.shape, generator=g)
+    file = checkpoint.save(model, tmp_path_factory.mktemp("finetune") / "ft.safetensors", dtype="fp32")
+    return file, tokenizer
+
+
+def target_weights(model, conv=True):
+    return {lora.kohya_name(part, name): getattr(model, part).get_submodule(name).weight.detach().clone()
+            for part in lora.PREFIXES for name in lora.targets(getattr(model, part), part, conv)}
+
+
+def residual(ft, base, layers):
+    """||finetune - (base + LoRA)|| / ||finetune - base|| over the layers LoRA targets (LoCon)."""
+    merged = target_weights(base)
+    for name, (down, up, alpha) in layers.items():
+        merged[name] = merged[name] + lora.delta(down, up, alpha).reshape(merged[name].shape)
+    goal, start = target_weights(ft), target_weights(base)
+    return (sum((goal[k] - merged[k]).square().sum() for k in goal).sqrt()
+            / sum((goal[k] - start[k]).square().sum() for k in goal).sqrt()).item()
+
+
+def test_a_full_rank_extraction_merged_into_the_base_is_the_finetune(tiny_model, finetune):
+    path, tokenizer = tiny_model
+    base, ft = checkpoint.load(path, tokenizer=tokenizer), checkpoint.load(finetune[0], tokenizer=tokenizer)
+    lines = []
+    layers = lora.extract(ft, base, rank=1000, conv_rank=1000, log=lines.append)
+    changed_te = {n for n in layers if n.startswith("lora_te_")}
+    assert changed_te and all("layers_1_" in n for n in changed_te), "unchanged text encoder layers are left out"
+    assert len(layers) == len(target_weights(base)) - sum(1 for n in target_weights(base) if "te_text_model_encoder_layers_0_" in n)
+    for name, (down, up, alpha) in layers.items():
+        assert alpha == down.shape[0]  # scale 1: up @ down is the change itself
+    lora.merge(base, layers)
+    got, want = target_weights(base), target_weights(ft)
+    for name in want:
+        assert (got[name] - want[name]).norm() <= 1e-4 * want[name].norm(), name
+    assert any("100.0%" in line for line in lines), lines
+
+
+def test_a_lower_rank_keeps_less_and_says_how_much(tiny_model, finetune):
+    path, tokenizer = tiny_model
+    base, ft = checkpoint.load(path, tokenizer=tokenizer), checkpoint.load(finetune[0], tokenizer=tokenizer)
+    errors, kept = [], []
+    for rank in (1, 4, 16):
+        lines = []
+        layers = lora.extract(ft, base, rank=rank, conv_rank=rank, log=lines.append)
+        assert {down.shape[0] for down, _, _ in layers.values()} == {rank}
+        errors.append(residual(ft, base, layers))
+        [share] = [float(w.rstrip("%")) for line in lines for w in line.split() if w.endswith("%")][:1]
+        kept.append(share)
+    assert errors[0] > errors[1] > errors[2] > 0.01
+    assert kept[0] < kept[1] < kept[2] < 100
+    # without conv_rank the 3x3 convs are left out: kohya's LoRA (no LoCon)
+    layers = lora.extract(ft, base, rank=4)
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" not in layers
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in" in layers
+
+
+def test_extracting_from_models_of_two_architectures_is_refused(tiny_model):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path, tokenizer = tiny_model
+    base, other = checkpoint.load(path, tokenizer=tokenizer), checkpoint.load(path, tokenizer=tokenizer)
+    other.text_encoder = CLIPTextModel(CLIPTextConfig(**{**base.architecture["text_encoder"], "num_hidden_layers": 1}))
+    with pytest.raises(DreampipeError, match="architecture"):
+        lora.extract(other, base, rank=4)
+
+
+def test_extract_lora_command_writes_the_file_and_logs_what_it_kept(tiny_model, finetune, tmp_path):
+    """No --tokenizer: extraction needs none."""
+    path, tokenizer = tiny_model
+    out, log = tmp_path / "ft.lora.safetensors", tmp_path / "extract.log"
+    r = subprocess.run([sys.executable, "-m", "dreampipe.cli", "extract-lora", str(finetune[0]), str(path), str(out),
+                        "--rank", "4", "--conv-rank", "2", "--log", str(log),
+                        "--settings", json.dumps({"resolution": 64})],
+                       capture_output=True, text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "workflow")})
+    assert r.returncode == 0, r.stderr
+    layers = lora.load(out)
+    assert layers["lora_unet_down_blocks_0_resnets_0_conv1"][0].shape[0] == 2
+    assert layers["lora_unet_down_blocks_0_attentions_0_proj_in"][0].shape[0] == 4
+    tensors, meta = checkpoint.read_state_dict(out)
+    assert {v.dtype for v in tensors.values()} == {torch.float16}
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
+    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.title"] == "ft.lora"
+    text = log.read_text()
+    assert "Frobenius norm" in text and f"{len(layers)} layers" in text
+    # the LoRA moves the base towards the finetune
+    base, ft = checkpoint.load(path, tokenizer=tokenizer), checkpoint.load(finetune[0], tokenizer=tokenizer)
+    assert residual(ft, base, layers) < 0.999

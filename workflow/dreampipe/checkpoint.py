@@ -155,9 +155,10 @@ def _refuse(path, found: str):
 
 
 def load(path, tokenizer=None, use_ema: bool = False, fallback=None, device=None,
-         dtype: torch.dtype = torch.float32) -> StableDiffusion:
+         dtype: torch.dtype = torch.float32, *, need_tokenizer: bool = True) -> StableDiffusion:
     """Load an SD 1.x model from a single file (.ckpt/.safetensors) or a diffusers folder, as
-    `dtype` on `device` (the file's tensors go to the device first and are cast there).
+    `dtype` on `device` (the file's tensors go to the device first and are cast there). Without
+    `need_tokenizer` a single file's model has none unless `tokenizer` names it (the weights alone).
 
     `fallback` is a second checkpoint supplying the VAE and/or text encoder when `path` lacks them.
     """
@@ -177,7 +178,8 @@ def load(path, tokenizer=None, use_ema: bool = False, fallback=None, device=None
                                  "base_model_fallback to a full SD 1.x checkpoint to take them from")
     if device is not None:  # the file's bytes go to the device as they are: casting there is fast, on the CPU not
         sd = {k: v.to(device, non_blocking=True) for k, v in sd.items()}
-    return from_ldm(sd, arch, load_tokenizer(tokenizer, path), source=path).to(device, dtype)
+    tok = load_tokenizer(tokenizer, path) if tokenizer or need_tokenizer else None
+    return from_ldm(sd, arch, tok, source=path).to(device, dtype)
 
 
 def architecture_of(meta: dict) -> dict:
