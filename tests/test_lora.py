@@ -319,3 +319,24 @@ def test_extract_lora_command_writes_the_file_and_logs_what_it_kept(tiny_model, 
     # the LoRA moves the base towards the finetune
     base, ft = checkpoint.load(path, tokenizer=tokenizer), checkpoint.load(finetune[0], tokenizer=tokenizer)
     assert residual(ft, base, layers) < 0.999
+
+
+def test_export_lora_rank_makes_the_workflow_write_the_lora_and_a_new_rank_reruns_only_it(workflow):
+    workflow.character("bob", token="sks", class_word="robot")
+    assert "export_lora" not in {rule for rule, _ in workflow.planned()}
+    workflow.character("bob", token="sks", class_word="robot", export={"lora_rank": 4, "lora_conv_rank": 2})
+    assert ("export_lora", "bob") in workflow.planned()
+    workflow.snakemake("-p", "results/bob/bob.lora.safetensors")  # an option ends --resources
+    out = workflow.path / "results" / "bob"
+    layers = lora.load(out / "bob.lora.safetensors")
+    assert {down.shape[0] for down, _, _ in layers.values()} == {2, 4}
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in layers
+    assert not any(n.startswith("lora_te_") for n in layers), "the text encoder was not trained"
+    _, meta = checkpoint.read_state_dict(out / "bob.lora.safetensors")
+    assert meta["modelspec.trigger_phrase"] == "a photo of sks robot" and meta["modelspec.resolution"] == "64x64"
+    assert json.loads(meta["dreampipe.settings"])["max_steps"] == 4
+    assert "Frobenius norm" in (out / "logs" / "export-lora.log").read_text()
+    # the rank is a param: a new one reruns the extraction, nothing upstream
+    workflow.character("bob", token="sks", class_word="robot", export={"lora_rank": 2})
+    planned = workflow.snakemake("-n", "results/bob/bob.lora.safetensors").stdout
+    assert "export_lora" in planned and "rule train" not in planned, planned
