@@ -340,3 +340,16 @@ def test_export_lora_rank_makes_the_workflow_write_the_lora_and_a_new_rank_rerun
     workflow.character("bob", token="sks", class_word="robot", export={"lora_rank": 2})
     planned = workflow.snakemake("-n", "results/bob/bob.lora.safetensors").stdout
     assert "export_lora" in planned and "rule train" not in planned, planned
+
+
+def test_a_pruned_model_gets_modelspec_keys_and_a_fresh_hash_keeping_the_sources_own(tiny_model, tmp_path):
+    from dreampipe import prune
+
+    path, _ = tiny_model
+    weights, meta = checkpoint.read_state_dict(path)
+    fat = checkpoint.write_file(weights, tmp_path / "fat.safetensors", "fp32",
+                                {**meta, "modelspec.title": "Fat model", "modelspec.hash_sha256": "0xstale"})
+    out = prune.run(fat, tmp_path / "slim.safetensors")
+    _, slim = checkpoint.read_state_dict(out)
+    assert slim["modelspec.title"] == "Fat model" and slim["modelspec.architecture"] == "stable-diffusion-v1"
+    check_hashes(out, slim)
