@@ -49,7 +49,7 @@ def test_hostile_paths_and_prompts_run_the_workflow_without_running_a_command(wo
 
 # params that hold several arguments, each already quoted by shlex in workflow/rules/common.smk
 SHLEX_JOINED = {"params.args", "params.base_options", "params.tokenizer", "params.prompts", "params.seeds",
-                "params.subjects", "params.masks"}
+                "params.subjects", "params.masks", "params.ranks"}
 
 
 def test_every_placeholder_in_a_shell_command_is_quoted():

@@ -295,6 +295,12 @@ def test_progressive_checkpoints_are_fp16_inference_files_and_only_the_last_are_
     assert [f.name for f in files] == ["step-00004.safetensors", "step-00006.safetensors"]
     weights = load_file(files[-1])
     assert all(v.dtype == torch.float16 for k, v in weights.items() if v.is_floating_point())
+    from dreampipe import modelspec
+
+    _, meta = checkpoint.read_state_dict(files[-1])
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1" and meta["modelspec.resolution"] == "64x64"
+    assert meta["modelspec.title"] == f"{tmp_path.name}-step-00006" and meta["dreampipe.steps"] == "6"
+    assert meta["modelspec.hash_sha256"] == "0x" + modelspec.data_hash(files[-1])
     model = checkpoint.load(files[-1], tokenizer=tiny_model[1])
     [image] = sampling.generate(model, ["a photo of zxq robot"], [0], resolution=64, steps=2)
     assert image.size == (64, 64)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from . import modelspec
 from .errors import DreampipeError
 from .files import human_size, temp_beside, umask_mode
 
@@ -154,9 +155,10 @@ def _refuse(path, found: str):
 
 
 def load(path, tokenizer=None, use_ema: bool = False, fallback=None, device=None,
-         dtype: torch.dtype = torch.float32) -> StableDiffusion:
+         dtype: torch.dtype = torch.float32, *, need_tokenizer: bool = True) -> StableDiffusion:
     """Load an SD 1.x model from a single file (.ckpt/.safetensors) or a diffusers folder, as
-    `dtype` on `device` (the file's tensors go to the device first and are cast there).
+    `dtype` on `device` (the file's tensors go to the device first and are cast there). Without
+    `need_tokenizer` a single file's model has none unless `tokenizer` names it (the weights alone).
 
     `fallback` is a second checkpoint supplying the VAE and/or text encoder when `path` lacks them.
     """
@@ -176,7 +178,8 @@ def load(path, tokenizer=None, use_ema: bool = False, fallback=None, device=None
                                  "base_model_fallback to a full SD 1.x checkpoint to take them from")
     if device is not None:  # the file's bytes go to the device as they are: casting there is fast, on the CPU not
         sd = {k: v.to(device, non_blocking=True) for k, v in sd.items()}
-    return from_ldm(sd, arch, load_tokenizer(tokenizer, path), source=path).to(device, dtype)
+    tok = load_tokenizer(tokenizer, path) if tokenizer or need_tokenizer else None
+    return from_ldm(sd, arch, tok, source=path).to(device, dtype)
 
 
 def architecture_of(meta: dict) -> dict:
@@ -440,7 +443,8 @@ def write_file(weights: dict, path, dtype: str | None = "fp16", metadata: dict |
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     check_disk_space(path, sum(v.numel() * dtypes[k].itemsize for k, v in weights.items()))
     tmp = temp_beside(path)
-    if path.suffix == ".ckpt":
+    if path.suffix == ".ckpt":  # the modelspec hashes are of a safetensors file's data
+        meta = {k: v for k, v in meta.items() if not (k in modelspec.HASH_FORMATS and v == modelspec.PENDING)}
         torch.save({"state_dict": {k: _on_cpu(v, dtypes[k]) for k, v in weights.items()}, "metadata": meta}, tmp)
     else:
         _write_safetensors(weights, dtypes, tmp, meta, release_source)
@@ -461,7 +465,13 @@ _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float
 
 def _write_safetensors(weights: dict, dtypes: dict, path: Path, metadata: dict, release_source: bool) -> None:
     """The safetensors format (a JSON header of dtypes, shapes and byte ranges, then the bytes),
-    written without building the file in memory: the header needs only shapes."""
+    written without building the file in memory: the header needs only shapes. Metadata hashes left
+    modelspec.PENDING get the SHA-256 of the bytes after the header: hashed while written, then
+    patched into the header (its length unchanged)."""
+    import hashlib
+
+    pending = {k: form for k, form in modelspec.HASH_FORMATS.items() if metadata.get(k) == modelspec.PENDING}
+    metadata = {**metadata, **{k: form.format("0" * 64) for k, form in pending.items()}}
     header, offset = {"__metadata__": metadata}, 0
     for k, v in weights.items():
         size = v.numel() * dtypes[k].itemsize
@@ -470,12 +480,19 @@ def _write_safetensors(weights: dict, dtypes: dict, path: Path, metadata: dict, 
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
         f.write(len(head).to_bytes(8, "little") + head)
         for k, v in weights.items():
-            f.write(_on_cpu(v, dtypes[k]).reshape(-1).view(torch.uint8).numpy())
+            data = _on_cpu(v, dtypes[k]).reshape(-1).view(torch.uint8).numpy()
+            f.write(data)
+            if pending:
+                digest.update(data)
             if release_source:
                 _release_pages(v)
+        for k, form in pending.items():
+            f.seek(8 + head.index(json.dumps(k).encode() + b':"') + len(json.dumps(k)) + 2)
+            f.write(form.format(digest.hexdigest()).encode())
 
 
 _MADV_PAGEOUT = 21  # Linux's value; Python's mmap module names it only when built on Linux >= 5.4

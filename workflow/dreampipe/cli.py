@@ -139,6 +139,13 @@ def cmd_export(a):
     export.run(Path(a.trained), Path(a.out), a.dtype, a.tokenizer, json.loads(a.settings), log=log.info)
 
 
+def cmd_extract_lora(a):
+    from . import lora
+
+    lora.run(Path(a.finetuned), Path(a.base), Path(a.out), a.rank, a.conv_rank, a.dtype,
+             base_options=base_options(a), settings=json.loads(a.settings), log=log.info)
+
+
 def cmd_prune(a):
     from . import prune
 
@@ -277,6 +284,18 @@ def main(argv=None) -> int:
     sp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     sp.add_argument("--tokenizer")
     sp.add_argument("--settings", default="{}", help="JSON stored in the file's metadata")
+
+    sp = add("extract-lora", cmd_extract_lora, "a LoRA file (kohya layout) of a finetune against its base model")
+    sp.add_argument("finetuned", help="the finetuned SD 1.x model: file or diffusers folder")
+    sp.add_argument("base", help="the model it was finetuned from")
+    sp.add_argument("out", help="*.safetensors")
+    sp.add_argument("--rank", type=int, required=True, help="rank of the attention layers (and of linears and "
+                    "1x1 convs with --conv-rank)")
+    sp.add_argument("--conv-rank", type=int, help="also the ResNet blocks' layers, 3x3 convs at this rank (LoCon)")
+    sp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    sp.add_argument("--settings", default="{}", help="JSON stored in the file's metadata (its resolution: "
+                    "modelspec.resolution)")
+    add_base_options(sp)
 
     sp = add("prune", cmd_prune, "cut a fat SD 1.x checkpoint down to its inference weights")
     sp.add_argument("src", help="SD 1.x .ckpt or .safetensors (with optimizer state, EMA copy...)")

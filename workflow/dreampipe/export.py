@@ -4,11 +4,10 @@ An output path without .safetensors/.ckpt suffix gets a diffusers folder instead
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, modelspec
 from .files import human_size
 
 
@@ -25,13 +24,23 @@ def run(trained: Path, out: Path, dtype: str = "fp16", tokenizer=None, settings:
 def _write(trained: Path, out: Path, dtype: str, tokenizer, settings: dict | None) -> Path:
     if Path(out).suffix not in checkpoint.FILE_SUFFIXES:
         return checkpoint.save_diffusers(checkpoint.load(trained, tokenizer=tokenizer), out, dtype=dtype)
-    meta = {"dreampipe.settings": json.dumps(settings or {}, sort_keys=True),
-            "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-v1",
-            "modelspec.title": Path(out).stem}
+    settings = settings or {}
     if Path(trained).is_dir():
-        return checkpoint.save(checkpoint.load(trained, tokenizer=tokenizer), out, dtype=dtype, metadata=meta)
+        model = checkpoint.load(trained, tokenizer=tokenizer)
+        return checkpoint.save(model, out, dtype=dtype, metadata=_metadata(out, settings, model.architecture))
     # a single file (training writes one) is in the LDM layout already: cast its tensors, build no networks
     weights, found = checkpoint.read_state_dict(trained)
+    meta = _metadata(out, settings, checkpoint.architecture_of(found))
     if checkpoint.ARCHITECTURE_KEY in found:
         meta[checkpoint.ARCHITECTURE_KEY] = found[checkpoint.ARCHITECTURE_KEY]
     return checkpoint.write_file(checkpoint.inference_weights(weights), out, dtype, meta)
+
+
+def _metadata(out: Path, settings: dict, architecture: dict) -> dict:
+    """modelspec keys (title: the file's name; the training resolution), the settings as JSON."""
+    return modelspec.metadata(Path(out).stem, resolution=settings.get("resolution", 512), settings=settings,
+                              prediction_type=prediction_type(architecture))
+
+
+def prediction_type(architecture: dict) -> str:
+    return architecture["scheduler"].get("prediction_type", "epsilon")

@@ -11,20 +11,30 @@ not read diffusers' own SD 1.5 LoRA keys), and stored as three tensors:
 Which layers: kohya's rule. Every Linear and Conv2d inside the UNet's Transformer2DModel blocks
 and the text encoder's CLIPAttention/CLIPMLP blocks; with LoCon (conv_rank) also those inside
 ResnetBlock2D, Downsample2D and Upsample2D, 3x3 convs at conv_rank, Linear and 1x1 at rank.
+For SD 1.x that is 192 UNet and 72 text encoder layers, 278 UNet layers with LoCon (the counts
+sd-scripts prints; tests/test_lora.py checks them and names from its networks/lora.py).
+
+`extract` turns a finetune into a LoRA of the base model (sd-scripts' extract_lora_from_models.py,
+without its clamping of outliers): the truncated SVD of each layer's weight change.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, modelspec
+from .errors import DreampipeError
+from .files import human_size
 
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+PART_NAMES = {"unet": "UNet", "text_encoder": "text encoder"}
 ATTENTION_BLOCKS = {"unet": ("Transformer2DModel",), "text_encoder": ("CLIPAttention", "CLIPMLP")}
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-ARCHITECTURE = "stable-diffusion-v1/lora"
+ARCHITECTURE = modelspec.ARCHITECTURE + "/lora"
 
 
 def targets(net: torch.nn.Module, part: str, conv: bool = False) -> dict[str, bool]:
@@ -70,9 +80,12 @@ def to_state_dict(layers: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(layers: dict, path, dtype: str | None = "fp16", metadata: dict | None = None) -> Path:
-    """Write `layers` (kohya name -> (down, up, alpha)) as one .safetensors, atomically."""
-    meta = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": ARCHITECTURE,
+def save(layers: dict, path, dtype: str | None = "fp16", metadata: dict | None = None, *,
+         settings: dict | None = None, resolution: int | None = None, title: str | None = None) -> Path:
+    """Write `layers` (kohya name -> (down, up, alpha)) as one .safetensors, atomically, with the
+    modelspec keys of a LoRA (modelspec.py: title the file's name unless given; the training
+    `resolution` and `settings` when known); `metadata` adds keys or overrides them."""
+    meta = {**modelspec.metadata(title or Path(path).stem, lora=True, resolution=resolution, settings=settings),
             "ss_network_module": "networks.lora", **(metadata or {})}
     return checkpoint.write_file(to_state_dict(layers), path, dtype, meta)
 
@@ -94,17 +107,115 @@ def delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.einsum("or,rikl->oikl", up.float().flatten(1), down.float()) * (alpha / rank)
 
 
-def merge(model: checkpoint.StableDiffusion, layers: dict, scale: float = 1.0) -> None:
-    """Add the layers' weight changes to the model's networks, in place."""
+def merge(model: checkpoint.StableDiffusion, layers: dict, scale: float = 1.0, *, source="the LoRA") -> None:
+    """Add the layers' weight changes to the model's networks, in place. A layer the model lacks,
+    or of another shape, is refused before anything changes (`source` names the file in the message)."""
     modules = {}
     for part in PREFIXES:
         net = getattr(model, part)
         modules.update({kohya_name(part, n): m for n, m in net.named_modules()})
-    missing = sorted(set(layers) - modules.keys())
-    if missing:
-        raise checkpoint.DreampipeError(f"the LoRA names {len(missing)} layers this model lacks, e.g. {missing[0]}: "
-                                        "it was made for another architecture")
+    deltas = {}
+    for name, (down, up, alpha) in sorted(layers.items()):
+        weight = getattr(modules.get(name), "weight", None)
+        change = None if weight is None else delta(down, up, alpha)
+        if change is None or change.numel() != weight.numel():  # 1x1 convs may come as linears
+            what = (f"the model has no layer {name}" if weight is None else
+                    f"layer {name} is {tuple(change.shape)} here, {tuple(weight.shape)} in the model")
+            raise DreampipeError(f"{source}: {what}: it was made for another architecture; use it with a "
+                                 "model of the architecture it was trained on")
+        deltas[name] = change
     with torch.no_grad():
-        for name, (down, up, alpha) in layers.items():
+        for name, change in deltas.items():
             weight = modules[name].weight
-            weight += (scale * delta(down, up, alpha)).to(weight.dtype).reshape(weight.shape)
+            weight += (scale * change).to(weight.dtype).reshape(weight.shape)
+
+
+def extract(finetuned: checkpoint.StableDiffusion, base: checkpoint.StableDiffusion, rank: int,
+            conv_rank: int | None = None, *, log=None) -> dict:
+    """The LoRA layers that move `base` towards `finetuned`: for each layer kohya adapts (3x3 convs
+    too with conv_rank: LoCon), the SVD of the weight change (in fp32; a conv flattened to
+    [out, in*k*k]) truncated to the top rank singular values: up = U sqrt(S), down = sqrt(S) Vh,
+    alpha = the rank (scale 1). A layer the finetune left as it was (equal in the lower precision of
+    the two) is left out, so an untrained text encoder gets none. `log` gets one summary line."""
+    from tqdm import tqdm
+
+    pairs = []
+    for part in PREFIXES:
+        mine, theirs = (targets(getattr(m, part), part, conv=conv_rank is not None) for m in (finetuned, base))
+        if mine != theirs:
+            raise DreampipeError(f"the finetuned and the base model differ in their {PART_NAMES[part]}'s "
+                                 "layers: they are of two architectures; extract a LoRA from a finetune of that base")
+        pairs += [(part, name, wide) for name, wide in theirs.items()]
+    layers, energy, skipped = {}, {part: [0.0, 0.0] for part in PREFIXES}, 0
+    for part, name, wide in tqdm(pairs, desc="extract-lora", unit="layer", disable=None, mininterval=1):
+        new, old = (getattr(m, part).get_submodule(name).weight.detach() for m in (finetuned, base))
+        if new.shape != old.shape:
+            raise DreampipeError(f"layer {kohya_name(part, name)} is {tuple(new.shape)} in the finetuned model, "
+                                 f"{tuple(old.shape)} in the base: they are of two architectures")
+        if _unchanged(new, old):
+            skipped += 1
+            continue
+        change = new.float() - old.float()
+        down, up, kept, total = _low_rank(change, conv_rank if wide else rank)
+        layers[kohya_name(part, name)] = (down, up, float(down.shape[0]))
+        energy[part][0] += kept
+        energy[part][1] += total
+    if log:
+        log(_summary(layers, energy, skipped, rank, conv_rank))
+    return layers
+
+
+def _unchanged(new: torch.Tensor, old: torch.Tensor) -> bool:
+    """Equal in the lower precision of the two: a finetune saved in fp16 of an fp32 base differs
+    from it by rounding alone where it was not trained."""
+    low = new.dtype if new.element_size() < old.element_size() else old.dtype
+    return torch.equal(new.to(low), old.to(low))
+
+
+def _low_rank(change: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(down, up, kept, total): the rank-`rank` factors of `change` (shaped as a LoRA layer's),
+    the squared Frobenius norm they keep and that of the whole change."""
+    matrix = change.flatten(1)
+    wide = matrix.shape[0] < matrix.shape[1]  # LAPACK is faster on the tall side (2x at 1280x11520)
+    u, s, vh = torch.linalg.svd(matrix.T if wide else matrix, full_matrices=False)
+    if wide:
+        u, vh = vh.T, u.T
+    r = min(rank, len(s))
+    root = s[:r].sqrt()
+    up, down = u[:, :r] * root, root[:, None] * vh[:r]
+    if change.dim() == 4:  # conv: down [rank, in, k, k], up [out, rank, 1, 1]
+        up, down = up[:, :, None, None], down.reshape(r, *change.shape[1:])
+    return down.contiguous(), up.contiguous(), s[:r].square().sum().item(), s.square().sum().item()
+
+
+def _summary(layers: dict, energy: dict, skipped: int, rank: int, conv_rank: int | None) -> str:
+    counts = {part: sum(n.startswith(PREFIXES[part] + "_") for n in layers) for part in PREFIXES}
+    kept, total = (sum(e[i] for e in energy.values()) for i in (0, 1))
+    share = lambda e: f"{100 * (e[0] / e[1]) ** 0.5:.1f}%" if e[1] else "-"  # noqa: E731
+    parts = ", ".join(f"{counts[p]} {PART_NAMES[p]} ({share(energy[p])})" for p in PREFIXES if counts[p])
+    ranks = f"rank {rank}" + (f", 3x3 convs rank {conv_rank}" if conv_rank is not None else "")
+    params = sum(down.numel() + up.numel() for down, up, _ in layers.values())
+    return (f"keeps {share((kept, total))} of the difference's Frobenius norm in {len(layers)} layers at {ranks}: "
+            f"{parts}; {params / 1e6:.2f} M weights; {skipped} layers unchanged, left out")
+
+
+def run(finetuned, base, out, rank: int, conv_rank: int | None = None, dtype: str = "fp16", *,
+        base_options: dict | None = None, settings: dict | None = None, log=print) -> Path:
+    """`dreampipe extract-lora`: the LoRA of `finetuned` against `base` (files or diffusers
+    folders), written to `out` with kohya's and modelspec's metadata."""
+    start = time.perf_counter()
+    if rank < 1 or conv_rank is not None and conv_rank < 1:
+        raise DreampipeError(f"{out}: the rank and conv rank must be at least 1")
+    finetune = checkpoint.load(finetuned, dtype=None, need_tokenizer=False)  # in the files' own dtypes
+    original = checkpoint.load(base, dtype=None, need_tokenizer=False, **(base_options or {}))
+    layers = extract(finetune, original, rank, conv_rank, log=lambda line: log(f"extract-lora: {line}"))
+    if not layers:
+        raise DreampipeError(f"{finetuned}: no layer differs from {base}'s: is it a finetune of that model?")
+    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(float(rank)), "ss_v2": "False",
+            "ss_base_model_version": "sd_v1", "ss_network_args": json.dumps(
+                {} if conv_rank is None else {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))})}
+    settings = settings or {}
+    written = save(layers, out, dtype, meta, settings=settings or None, resolution=settings.get("resolution"))
+    log(f"extract-lora: {human_size(Path(written).stat().st_size)} written to {written} "
+        f"in {time.perf_counter() - start:.1f} s")
+    return written

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, modelspec
 
 
 def run(src: Path, out: Path, use_ema: bool = False, dtype: str = "fp16") -> Path:
@@ -14,5 +14,7 @@ def run(src: Path, out: Path, use_ema: bool = False, dtype: str = "fp16") -> Pat
     sd, meta = checkpoint.read_state_dict(src, mmap=True)  # each tensor is read once, then dropped
     checkpoint.check_sd1(sd, src, checkpoint.architecture_of(meta))
     weights = checkpoint.inference_weights(sd, use_ema, src)
-    meta = {**meta, "dreampipe.pruned_from": Path(src).name, "dreampipe.unet": "ema" if use_ema else "non-ema"}
+    # the source's own modelspec keys stay (its title...), all but the hash of tensors it no longer holds
+    meta = {**modelspec.metadata(Path(out).stem), **meta, modelspec.HASH_KEY: modelspec.PENDING,
+            "dreampipe.pruned_from": Path(src).name, "dreampipe.unet": "ema" if use_ema else "non-ema"}
     return checkpoint.write_file(weights, out, dtype, meta, release_source=True)

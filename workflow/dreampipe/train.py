@@ -680,8 +680,12 @@ class SaveCheckpoints(pl.Callback):
         if not (trainer.is_global_zero and at_step_end(trainer, batch_idx) and self.every
                 and step % self.every == 0 and step < trainer.max_steps):
             return
+        from . import modelspec
+
+        title = f"{self.dir.parent.parent.name}-step-{step:05d}"  # results/<name>/train/checkpoints
+        meta = {**modelspec.metadata(title, resolution=module.s["resolution"]), "dreampipe.steps": step}
         checkpoint.save(module.sd, self.dir / f"step-{step:05d}.safetensors", dtype="fp16",
-                        metadata={"dreampipe.steps": step}, unet_weights=module.trained_unet())
+                        metadata=meta, unet_weights=module.trained_unet())
         if self.keep:
             for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.keep]:
                 old.unlink()

@@ -221,6 +221,28 @@ EXPORTS = [exported(Namespace(character=c)) for c in CHARACTERS] + [
 ]
 
 
+def export_settings(wildcards):
+    """What an exported file's metadata records: the subjects and the settings that shaped the weights."""
+    c = char(wildcards)
+    return json.dumps(
+        {
+            "subjects": [
+                {k: s[k] for k in ("token", "class_word", "instance_prompt")}
+                for s in c["subjects"]
+            ],
+            **dpconfig.split_train_settings(c)[0],
+        }
+    )
+
+
+# export.lora_rank: a LoRA extracted from the trained model (rule export_lora)
+EXPORTS += [
+    f"{R}/{c}/{c}.lora.safetensors"
+    for c, settings in CHARACTERS.items()
+    if settings["export"]["lora_rank"]
+]
+
+
 def toy_classifier(c):
     path = (
         Path(base_model(Namespace(character=c["name"]))).parent

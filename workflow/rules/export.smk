@@ -14,15 +14,7 @@ rule export:
     params:
         dtype=lambda wc: char(wc)["export"]["dtype"],
         tokenizer=tokenizer_arg,
-        settings=lambda wc: json.dumps(
-            {
-                "subjects": [
-                    {k: s[k] for k in ("token", "class_word", "instance_prompt")}
-                    for s in char(wc)["subjects"]
-                ],
-                **dpconfig.split_train_settings(char(wc))[0],
-            }
-        ),
+        settings=export_settings,
     shell:
         "dreampipe export {input:q} {output:q} --dtype {params.dtype:q} {params.tokenizer}"
         " --settings {params.settings:q} --log {log:q}"
@@ -42,3 +34,35 @@ rule export_diffusers:
         tokenizer=tokenizer_arg,
     shell:
         "dreampipe export {input:q} {output:q} --dtype {params.dtype:q} {params.tokenizer} --log {log:q}"
+
+
+rule export_lora:
+    input:
+        trained=f"{R}/{{character}}/train/model.safetensors",
+        base=base_model_files,
+        fallback=base_fallback,
+    output:
+        f"{R}/{{character}}/{{character}}.lora.safetensors",
+    log:
+        f"{R}/{{character}}/logs/export-lora.log",
+    benchmark:
+        f"{R}/{{character}}/benchmarks/export-lora.tsv"
+    conda:
+        "../../envs/dreampipe.yaml"
+    threads: 4  # the SVDs; capped at --cores by Snakemake
+    params:
+        base=base_model,
+        ranks=lambda wc: shlex.join(
+            ["--rank", str(char(wc)["export"]["lora_rank"])]
+            + (
+                ["--conv-rank", str(char(wc)["export"]["lora_conv_rank"])]
+                if char(wc)["export"]["lora_conv_rank"]
+                else []
+            )
+        ),
+        dtype=lambda wc: char(wc)["export"]["dtype"],
+        base_options=base_options,
+        settings=export_settings,
+    shell:
+        "dreampipe extract-lora {input.trained:q} {params.base:q} {output:q} {params.ranks}"
+        " --dtype {params.dtype:q} {params.base_options} --settings {params.settings:q} --log {log:q}"
