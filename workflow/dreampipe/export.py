@@ -1,6 +1,7 @@
 """Export: the trained model as one file that AUTOMATIC1111, ComfyUI and InvokeAI load as is:
 LDM key layout, inference weights only, fp16 by default, training settings in the metadata.
-An output path without .safetensors/.ckpt suffix gets a diffusers folder instead."""
+An output path without .safetensors/.ckpt suffix gets a diffusers folder instead; one ending in
+.lora.safetensors gets the LoRA a train.method lora run trained, in kohya's layout."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import json
 import time
 from pathlib import Path
 
-from . import checkpoint
+from . import checkpoint, lora
+from .errors import DreampipeError
 from .files import human_size
+
+LORA_SUFFIX = ".lora.safetensors"
 
 
 def run(trained: Path, out: Path, dtype: str = "fp16", tokenizer=None, settings: dict | None = None, *,
@@ -23,6 +27,8 @@ def run(trained: Path, out: Path, dtype: str = "fp16", tokenizer=None, settings:
 
 
 def _write(trained: Path, out: Path, dtype: str, tokenizer, settings: dict | None) -> Path:
+    if Path(out).name.endswith(LORA_SUFFIX):
+        return _write_lora(trained, out, dtype, settings)
     if Path(out).suffix not in checkpoint.FILE_SUFFIXES:
         return checkpoint.save_diffusers(checkpoint.load(trained, tokenizer=tokenizer), out, dtype=dtype)
     meta = {"dreampipe.settings": json.dumps(settings or {}, sort_keys=True),
@@ -35,3 +41,14 @@ def _write(trained: Path, out: Path, dtype: str, tokenizer, settings: dict | Non
     if checkpoint.ARCHITECTURE_KEY in found:
         meta[checkpoint.ARCHITECTURE_KEY] = found[checkpoint.ARCHITECTURE_KEY]
     return checkpoint.write_file(checkpoint.inference_weights(weights), out, dtype, meta)
+
+
+def _write_lora(trained: Path, out: Path, dtype: str, settings: dict | None) -> Path:
+    """The LoRA that training keeps beside the merged model's weights (lora_unet_*, lora_te_*)."""
+    layers = lora.load(trained)
+    if not layers:
+        raise DreampipeError(f"{trained}: holds no LoRA (it was trained with train.method full); "
+                             "set train.method: lora in the character file to train one")
+    meta = {"dreampipe.settings": json.dumps(settings or {}, sort_keys=True),
+            "modelspec.title": Path(out).name[: -len(LORA_SUFFIX)]}
+    return lora.save(layers, out, dtype, meta)
