@@ -206,11 +206,19 @@ def exported(wildcards):
     return f"{R}/{wildcards.character}/{wildcards.character}.{char(wildcards)['export']['format']}"
 
 
-EXPORTS = [exported(Namespace(character=c)) for c in CHARACTERS] + [
-    f"{R}/{c}/{c}-diffusers"
-    for c, settings in CHARACTERS.items()
-    if settings["export"]["diffusers"]
-]
+EXPORTS = (
+    [exported(Namespace(character=c)) for c in CHARACTERS]
+    + [
+        f"{R}/{c}/{c}-diffusers"
+        for c, settings in CHARACTERS.items()
+        if settings["export"]["diffusers"]
+    ]
+    + [
+        f"{R}/{c}/{c}.lora.safetensors"
+        for c, settings in CHARACTERS.items()
+        if settings["train"]["method"] == "lora"
+    ]
+)
 
 
 def toy_classifier(c):

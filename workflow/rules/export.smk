@@ -42,3 +42,23 @@ rule export_diffusers:
         tokenizer=tokenizer_arg,
     shell:
         "dreampipe export {input:q} {output:q} --dtype {params.dtype:q} {params.tokenizer} --log {log:q}"
+
+
+# method lora: the LoRA that training kept beside the merged model's weights, in kohya's layout.
+rule export_lora:
+    input:
+        f"{R}/{{character}}/train/model.safetensors",
+    output:
+        f"{R}/{{character}}/{{character}}.lora.safetensors",
+    log:
+        f"{R}/{{character}}/logs/export-lora.log",
+    benchmark:
+        f"{R}/{{character}}/benchmarks/export-lora.tsv"
+    conda:
+        "../../envs/dreampipe.yaml"
+    params:
+        dtype=lambda wc: char(wc)["export"]["dtype"],
+        settings=lambda wc: json.dumps(dpconfig.split_train_settings(char(wc))[0]),
+    shell:
+        "dreampipe export {input:q} {output:q} --dtype {params.dtype:q}"
+        " --settings {params.settings:q} --log {log:q}"
