@@ -7,13 +7,14 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_train import (class_manifest, class_images, identical, instance, one_thread, run,  # noqa: F401
-                        settings, start, train_command, wait_for)
+import test_train
+from test_train import class_manifest, identical, run, settings, start, train_command, wait_for
 
 from dreampipe import checkpoint, config, export, lora, train
 from dreampipe.errors import DreampipeError
 
 UNET, TEXT = checkpoint.UNET_PREFIX, checkpoint.TEXT_PREFIX
+instance, class_images, one_thread = test_train.instance, test_train.class_images, test_train.one_thread  # fixtures
 # a learning rate that moves the tiny model's adapters well away from zero in a few steps
 LORA = dict(method="lora", lora_rank=4, lora_learning_rate=1e-2, lora_text_encoder_learning_rate=1e-2)
 
