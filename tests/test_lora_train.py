@@ -161,3 +161,12 @@ def test_a_lora_character_exports_its_lora_file(workflow):
     workflow.character("bob")
     planned = workflow.planned()
     assert ("export_lora", "alice") in planned and ("export_lora", "bob") not in planned
+
+
+def test_the_other_methods_settings_are_not_trainings_and_rerun_nothing(workflow):
+    workflow.character("alice", train={"lora_rank": 8})
+    workflow.character("bob", train={"method": "lora", "learning_rate": 1e-6})
+    _, chars = config.load({}, workflow.path)
+    full, lora_run = (config.split_train_settings(chars[c])[0] for c in ("alice", "bob"))
+    assert "learning_rate" in full and not any(k.startswith("lora_") for k in full)
+    assert lora_run["lora_rank"] == 16 and "learning_rate" not in lora_run and "text_encoder_learning_rate" not in lora_run
