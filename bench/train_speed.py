@@ -6,8 +6,9 @@ Run beside ../shared/bench/diffusers_recipe.py A L in the same call.
     python bench/train_speed.py low_memory                          # train.low_memory: true
     python bench/train_speed.py low_memory --profile                # and where the timed steps' time goes (torch.profiler)
     python bench/train_speed.py curve --steps 300                   # loss of the diffusers recipe vs our default profile, same seed and data (~2.5 min on an H200)
+    python bench/train_speed.py default --method lora [--lora-conv-rank 8]  # train.method lora (rank 16, attention only; LoCon)
 
-Results: printed, and $OUT/train-<name>.json (curve: $OUT/curve.csv, $OUT/curve.png).
+Results: printed, and $OUT/train-<name>.json (<profile>-<compile>, -lora[-conv<rank>] for a LoRA) (curve: $OUT/curve.csv, $OUT/curve.png).
 """
 
 import argparse
@@ -94,10 +95,12 @@ class Timer(pl.Callback):
                     print(ops.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
 
 
-def measure(profile: str, size: str, compile: str, warm: int, n: int, trace: bool = False):
+def measure(profile: str, size: str, compile: str, warm: int, n: int, trace: bool = False, method: str = "full",
+            lora_conv_rank: int | None = None):
     settings = {**train_defaults(), "resolution": RESOLUTION[size], "max_steps": warm + n,
                 "sample_every_n_steps": 0, "save_state_every_n_steps": 0, "save_state_every_n_minutes": 0,
-                "low_memory": profile == "low_memory", "compile": compile}
+                "low_memory": profile == "low_memory", "compile": compile, "method": method,
+                "lora_conv_rank": lora_conv_rank}
     work = Path(tempfile.mkdtemp())
     instance_dir, class_manifest = fake_data(work, RESOLUTION[size])
     t0 = time.perf_counter()
@@ -113,8 +116,11 @@ def measure(profile: str, size: str, compile: str, warm: int, n: int, trace: boo
                          use_distributed_sampler=False)
     trainer.fit(module, datamodule=data)
     sec = timer.seconds
-    save(f"train-{profile}-{compile}", {
-        "profile": profile, "compile": compile, "size": size, "it_s": 1 / sec, "s_per_step": sec,
+    lora = f"-lora{f'-conv{lora_conv_rank}' if lora_conv_rank else ''}" if method == "lora" else ""
+    save(f"train-{profile}-{compile}{lora}", {
+        "profile": profile, "compile": compile, "size": size, "method": method, "lora_rank": settings["lora_rank"],
+        "lora_conv_rank": lora_conv_rank, "it_s": 1 / sec, "s_per_step": sec,
+        "trained_weights": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "first_step_s": timer.first_step, "step_peak_gib": timer.step_peak,
         "run_peak_gib": max(timer.warm_peak, peak_gib()),  # the whole fit: what a card must hold
         "phase_peaks_gib": timer.phase_peaks,
@@ -225,10 +231,13 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=50, help="timed steps (curve: steps of each run)")
     p.add_argument("--profile", action="store_true", dest="trace", help="print torch.profiler's tables of the timed steps")
     p.add_argument("--lr", type=float, help="curve: learning rate (default: train.learning_rate's default)")
+    p.add_argument("--method", choices=["full", "lora"], default="full", help="train.method (not for curve)")
+    p.add_argument("--lora-conv-rank", type=int, help="train.lora_conv_rank with --method lora (LoCon)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if a.profile == "curve":
         curve(a.size, a.steps, a.lr)
     else:
-        measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps, a.trace)
+        measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps, a.trace, a.method,
+                a.lora_conv_rank)

@@ -257,6 +257,30 @@ def test_text_encoder_learning_rate_zero_keeps_the_text_encoder_on_the_gpu(tiny_
 
 
 @gpu
+def test_a_lora_trains_bf16_adapters_and_writes_them_merged_into_the_base_as_loaded(tiny_model, tmp_path):
+    """method lora on the GPU: the networks train in bf16 (adapters and the frozen base alike),
+    but the model written is the base as loaded (fp32 here) with the trained adapters merged in,
+    exactly, and the frozen VAE is the base's bit for bit."""
+    from dreampipe import lora
+
+    base = load_file(tiny_model[0])
+    trained = run_tiny(tiny_model, tmp_path, method="lora", train_text_encoder=True, lora_conv_rank=2,
+                       lora_rank=4, lora_learning_rate=1e-2, lora_text_encoder_learning_rate=1e-2)
+    layers = lora.load(tmp_path / "model.safetensors")
+    assert layers and all(d.dtype == torch.bfloat16 for d, _, _ in layers.values()), "the adapters trained in bf16"
+    assert any(k.startswith("lora_te_") for k in layers) and any(d.dim() == 4 and d.shape[-1] == 3
+                                                                  for d, _, _ in layers.values())
+    model = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1])
+    lora.merge(model, {k: (d.float(), u.float(), a) for k, (d, u, a) in layers.items()})
+    written = {k: v for k, v in trained.items() if not k.startswith("lora_")}
+    assert test_train.identical(checkpoint.to_ldm(model), written)
+    assert test_train.identical(test_train.part(trained, VAE), test_train.part(base, VAE))
+    moved = [k for k in test_train.part(base, UNET) if not torch.equal(trained[k], base[k])]
+    report("lora_tiny", unet_weights_moved=len(moved), layers=len(layers))
+    assert moved
+
+
+@gpu
 def test_adamw8bit_trains_at_a_dreambooth_learning_rate(tiny_model, tmp_path):
     """bitsandbytes' AdamW8bit rounds to nearest, so it trains fp32 master weights: at lr 2e-6
     most UNet weights move (on bf16 weights almost none would)."""

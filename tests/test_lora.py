@@ -213,7 +213,7 @@ def test_a_lora_file_carries_modelspec_metadata_and_the_hash_automatic1111_reads
     _, meta = checkpoint.read_state_dict(out)
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.implementation"] == "diffusers"
-    assert meta["modelspec.title"] == "alice.lora" and meta["modelspec.sai_model_spec"] == "1.0.1"
+    assert meta["modelspec.title"] == "alice" and meta["modelspec.sai_model_spec"] == "1.0.1"
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "2"
     check_hashes(out, meta)
     assert meta["sshs_model_hash"] == meta["modelspec.hash_sha256"][2:]
@@ -313,7 +313,7 @@ def test_extract_lora_command_writes_the_file_and_logs_what_it_kept(tiny_model, 
     assert {v.dtype for v in tensors.values()} == {torch.float16}
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
     assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "2.0"}
-    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.title"] == "ft.lora"
+    assert meta["modelspec.resolution"] == "64x64" and meta["modelspec.title"] == "ft"
     text = log.read_text()
     assert "Frobenius norm" in text and f"{len(layers)} layers" in text
     # the LoRA moves the base towards the finetune

@@ -412,13 +412,13 @@ FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def save(model: StableDiffusion, path, dtype: str | None = "fp16", metadata: dict | None = None,
-         unet_weights: dict | None = None) -> Path:
+         unet_weights: dict | None = None, extra: dict | None = None) -> Path:
     """Write the model as one LDM-layout file (.safetensors, or .ckpt), atomically, from whichever
-    device its weights are on."""
+    device its weights are on; `extra`: more tensors under their own keys."""
     meta = dict(metadata or {})
     if not is_sd1(model.architecture):
         meta[ARCHITECTURE_KEY] = json.dumps(model.architecture)
-    return write_file(to_ldm(model, unet_weights), path, dtype, meta)
+    return write_file({**to_ldm(model, unet_weights), **(extra or {})}, path, dtype, meta)
 
 
 def is_sd1(arch: dict) -> bool:

@@ -280,7 +280,8 @@ def main(argv=None) -> int:
 
     sp = add("export", cmd_export, "write the model as a pruned single-file checkpoint")
     sp.add_argument("trained")
-    sp.add_argument("out", help="*.safetensors or *.ckpt: LDM single file; other: diffusers folder")
+    sp.add_argument("out", help="*.lora.safetensors: the LoRA of a method lora run; *.safetensors or *.ckpt: "
+                    "LDM single file; other: diffusers folder")
     sp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     sp.add_argument("--tokenizer")
     sp.add_argument("--settings", default="{}", help="JSON stored in the file's metadata")
@@ -289,8 +290,8 @@ def main(argv=None) -> int:
     sp.add_argument("finetuned", help="the finetuned SD 1.x model: file or diffusers folder")
     sp.add_argument("base", help="the model it was finetuned from")
     sp.add_argument("out", help="*.safetensors")
-    sp.add_argument("--rank", type=int, required=True, help="rank of the attention layers (and of linears and "
-                    "1x1 convs with --conv-rank)")
+    sp.add_argument("--rank", type=int, help="rank of the attention layers (and of linears and 1x1 convs with "
+                    "--conv-rank); not needed for a model train.method lora wrote, whose LoRA is written as trained")
     sp.add_argument("--conv-rank", type=int, help="also the ResNet blocks' layers, 3x3 convs at this rank (LoCon)")
     sp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     sp.add_argument("--settings", default="{}", help="JSON stored in the file's metadata (its resolution: "

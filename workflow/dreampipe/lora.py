@@ -85,7 +85,8 @@ def save(layers: dict, path, dtype: str | None = "fp16", metadata: dict | None =
     """Write `layers` (kohya name -> (down, up, alpha)) as one .safetensors, atomically, with the
     modelspec keys of a LoRA (modelspec.py: title the file's name unless given; the training
     `resolution` and `settings` when known); `metadata` adds keys or overrides them."""
-    meta = {**modelspec.metadata(title or Path(path).stem, lora=True, resolution=resolution, settings=settings),
+    title = title or Path(path).name.removesuffix(".safetensors").removesuffix(".lora")
+    meta = {**modelspec.metadata(title, lora=True, resolution=resolution, settings=settings),
             "ss_network_module": "networks.lora", **(metadata or {})}
     return checkpoint.write_file(to_state_dict(layers), path, dtype, meta)
 
@@ -199,21 +200,34 @@ def _summary(layers: dict, energy: dict, skipped: int, rank: int, conv_rank: int
             f"{parts}; {params / 1e6:.2f} M weights; {skipped} layers unchanged, left out")
 
 
-def run(finetuned, base, out, rank: int, conv_rank: int | None = None, dtype: str = "fp16", *,
+def run(finetuned, base, out, rank: int | None = None, conv_rank: int | None = None, dtype: str = "fp16", *,
         base_options: dict | None = None, settings: dict | None = None, log=print) -> Path:
     """`dreampipe extract-lora`: the LoRA of `finetuned` against `base` (files or diffusers
-    folders), written to `out` with kohya's and modelspec's metadata."""
+    folders), written to `out` with kohya's and modelspec's metadata. A model that train.method
+    lora wrote carries the layers it trained (lora_* keys beside its weights): those are written
+    as trained, exact where an extraction would be an approximation, and no rank is needed."""
     start = time.perf_counter()
-    if rank < 1 or conv_rank is not None and conv_rank < 1:
-        raise DreampipeError(f"{out}: the rank and conv rank must be at least 1")
-    finetune = checkpoint.load(finetuned, dtype=None, need_tokenizer=False)  # in the files' own dtypes
-    original = checkpoint.load(base, dtype=None, need_tokenizer=False, **(base_options or {}))
-    layers = extract(finetune, original, rank, conv_rank, log=lambda line: log(f"extract-lora: {line}"))
-    if not layers:
-        raise DreampipeError(f"{finetuned}: no layer differs from {base}'s: is it a finetune of that model?")
-    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(float(rank)), "ss_v2": "False",
+    layers = load(finetuned) if Path(finetuned).is_file() else {}
+    if layers:
+        rank, alpha = max(down.shape[0] for down, _, _ in layers.values()), next(iter(layers.values()))[2]
+        wide = {down.shape[0] for down, _, _ in layers.values() if down.dim() == 4 and down.shape[-1] > 1}
+        conv_rank, conv_alpha = (max(wide), alpha) if wide else (None, None)
+        log(f"extract-lora: {finetuned} holds the LoRA it was trained as: {len(layers)} layers, rank {rank}, "
+            f"alpha {alpha:g}; written as trained")
+    elif rank is None:
+        raise DreampipeError(f"{finetuned}: holds no trained LoRA; give --rank to extract one against {base}")
+    else:
+        if rank < 1 or conv_rank is not None and conv_rank < 1:
+            raise DreampipeError(f"{out}: the rank and conv rank must be at least 1")
+        finetune = checkpoint.load(finetuned, dtype=None, need_tokenizer=False)  # in the files' own dtypes
+        original = checkpoint.load(base, dtype=None, need_tokenizer=False, **(base_options or {}))
+        layers = extract(finetune, original, rank, conv_rank, log=lambda line: log(f"extract-lora: {line}"))
+        if not layers:
+            raise DreampipeError(f"{finetuned}: no layer differs from {base}'s: is it a finetune of that model?")
+        alpha, conv_alpha = float(rank), None if conv_rank is None else float(conv_rank)
+    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)), "ss_v2": "False",
             "ss_base_model_version": "sd_v1", "ss_network_args": json.dumps(
-                {} if conv_rank is None else {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_rank))})}
+                {} if conv_rank is None else {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})}
     settings = settings or {}
     written = save(layers, out, dtype, meta, settings=settings or None, resolution=settings.get("resolution"))
     log(f"extract-lora: {human_size(Path(written).stat().st_size)} written to {written} "

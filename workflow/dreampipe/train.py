@@ -30,7 +30,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from . import checkpoint, config, sample, sampling, speed, state_folder
+from . import checkpoint, config, lora, lora_training, sample, sampling, speed, state_folder
 from .errors import DreampipeError
 from .images import save_atomic, save_figure, stack
 from .losses import min_snr_weight, noise_loss
@@ -171,10 +171,12 @@ class DreamBooth(pl.LightningModule):
         self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone(), persistent=False)
         self.vae.requires_grad_(False)
         self.text_encoder.requires_grad_(settings["train_text_encoder"])
+        # method lora: adapters on the frozen networks, the only weights that train
+        self.lora = lora_training.Adapters(model, settings) if settings["method"] == "lora" else None
         if settings["gradient_checkpointing"]:
             speed.checkpointing(self.unet)
         # an fp32 copy: made before the weights are cast to bf16 for training on a GPU
-        self.ema = ema_model(self.unet.parameters(), settings["ema_decay"]) if settings["ema"] else None
+        self.ema = ema_model(self.ema_parameters(), settings["ema_decay"]) if settings["ema"] else None
         self.strict_loading = False  # saved state holds only the trained networks: on_load_checkpoint checks the keys
 
     # -- caches: the VAE is frozen, so latents are encoded once; so are captions while the text
@@ -365,12 +367,10 @@ class DreamBooth(pl.LightningModule):
         from diffusers.optimization import get_scheduler
 
         factor = lr_factor(self.s, self.trainer.world_size, len(self.trainer.datamodule.instance_captions))
-        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad],
-                   "lr": self.s["learning_rate"] * factor}]
+        unet_lr, text_lr = lora_training.rates(self.s)
+        groups = [{"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": unet_lr * factor}]
         if self.s["train_text_encoder"]:
-            groups.append({"params": list(self.text_encoder.parameters()),
-                           "lr": (self.s["learning_rate"] if self.s["text_encoder_learning_rate"] is None
-                                  else self.s["text_encoder_learning_rate"]) * factor})
+            groups.append({"params": self.trained_parameters(self.text_encoder), "lr": text_lr * factor})
         if factor != 1:
             log.info("learning rate scaled x%g (%s) to %s", factor, self.s["scale_lr"], [g["lr"] for g in groups])
         optimizer = make_optimizer(groups, self.s, self.device, world_size=self.trainer.world_size)
@@ -390,18 +390,30 @@ class DreamBooth(pl.LightningModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if self.ema:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(self.ema_parameters())
+
+    def trained_parameters(self, net: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The weights of a trained network that train: all of them, or with method lora its adapters
+        (whether or not they still train: text_encoder_steps stops them midway)."""
+        return list(lora_training.Adapters.parameters(net).values() if self.lora else net.parameters())
+
+    def ema_parameters(self) -> list[torch.nn.Parameter]:
+        return self.trained_parameters(self.unet)
 
     def trained_prefixes(self) -> tuple[str, ...]:
         return ("unet.", "text_encoder.") if self.s["train_text_encoder"] else ("unet.",)
 
+    def is_trained(self, key: str) -> bool:
+        """Whether a state-dict key is a trained weight, which the saved state holds."""
+        return key.startswith(self.trained_prefixes()) and (not self.lora or lora_training.is_adapter(key))
+
     def on_save_checkpoint(self, ckpt):
-        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(self.trained_prefixes())}
+        ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if self.is_trained(k)}
         if self.ema:
             ckpt["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, ckpt):
-        expected = {k for k in self.state_dict() if k.startswith(self.trained_prefixes())}
+        expected = {k for k in self.state_dict() if self.is_trained(k)}
         missing, unexpected = sorted(expected - ckpt["state_dict"].keys()), sorted(ckpt["state_dict"].keys() - expected)
         if missing or unexpected:
             raise DreampipeError(
@@ -412,28 +424,46 @@ class DreamBooth(pl.LightningModule):
             self.ema.load_state_dict(ckpt["ema"])
 
     def trained_unet(self) -> dict | None:
-        """UNet weights to write instead of the parameters: the EMA average, from its fp32 copy."""
+        """UNet weights to write instead of the parameters: the EMA average, from its fp32 copy
+        (method lora: of the adapters, by PEFT name)."""
         if not self.ema:
             return None
-        return {name: shadow for (name, _), shadow in zip(self.unet.named_parameters(), self.ema.shadow_params)}
+        names = lora_training.Adapters.parameters(self.unet) if self.lora else dict(self.unet.named_parameters())
+        return dict(zip(names, self.ema.shadow_params))
+
+    def lora_layers(self) -> dict:
+        """method lora: the trained layers by kohya name (the UNet's from the EMA when EMA is on)."""
+        return self.lora.layers({"unet": self.trained_unet() or {}})
+
+    def save_model(self, path: Path, step: int) -> None:
+        """The model as base + what was trained (WriteModel). Method lora: the base as loaded with
+        the adapters merged in, and beside its weights the trained layers themselves in kohya's
+        layout (lora_unet_*, lora_te_*: keys every reader of the model ignores), which the export
+        job writes as the LoRA file."""
+        meta = {"dreampipe.steps": step}
+        if not self.lora:
+            checkpoint.save(self.sd, path, dtype=None, metadata=meta, unet_weights=self.trained_unet())
+            return
+        layers = self.lora_layers()
+        checkpoint.save(self.lora.merged(layers), path, dtype=None, metadata=meta, extra=lora.to_state_dict(layers))
 
     def with_ema_weights(self, action):
         """Run action() with the EMA weights in the UNet (if EMA is on), then put the raw ones back
         (for sample grids: the weights pass through the UNet's dtype)."""
         if not self.ema:
             return action()
-        self.ema.store(self.unet.parameters())
-        self.ema.copy_to(self.unet.parameters())
+        self.ema.store(self.ema_parameters())
+        self.ema.copy_to(self.ema_parameters())
         try:
             return action()
         finally:
-            self.ema.restore(self.unet.parameters())
+            self.ema.restore(self.ema_parameters())
 
     def state_bytes(self) -> int:
         """About how large a saved state is: trained weights, two Adam moments each, EMA."""
         trained = [p for p in self.parameters() if p.requires_grad]
         size = sum(p.numel() * p.element_size() for p in trained) * 3
-        return size + (sum(p.numel() * 4 for p in self.unet.parameters()) if self.ema else 0)
+        return size + (sum(p.numel() * 4 for p in self.ema_parameters()) if self.ema else 0)
 
 
 def ema_model(parameters, decay: float):
@@ -683,9 +713,13 @@ class SaveCheckpoints(pl.Callback):
         from . import modelspec
 
         title = f"{self.dir.parent.parent.name}-step-{step:05d}"  # results/<name>/train/checkpoints
-        meta = {**modelspec.metadata(title, resolution=module.s["resolution"]), "dreampipe.steps": step}
-        checkpoint.save(module.sd, self.dir / f"step-{step:05d}.safetensors", dtype="fp16",
-                        metadata=meta, unet_weights=module.trained_unet())
+        if module.lora:  # the LoRA alone, as export writes it
+            lora.save(module.lora_layers(), self.dir / f"step-{step:05d}.lora.safetensors", "fp16",
+                      {"dreampipe.steps": step}, resolution=module.s["resolution"], title=title)
+        else:
+            meta = {**modelspec.metadata(title, resolution=module.s["resolution"]), "dreampipe.steps": step}
+            checkpoint.save(module.sd, self.dir / f"step-{step:05d}.safetensors", dtype="fp16",
+                            metadata=meta, unet_weights=module.trained_unet())
         if self.keep:
             for old in sorted(self.dir.glob("step-*.safetensors"))[:-self.keep]:
                 old.unlink()
@@ -760,8 +794,7 @@ class WriteModel(pl.Callback):
         """Each network in the dtype it holds: exact, and half the bytes of fp32 for a bf16 UNet
         (the UNet from its EMA copy when EMA is on, which drawing the grids does not touch)."""
         with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-            checkpoint.save(module.sd, self.out, dtype=None, metadata={"dreampipe.steps": step},
-                            unet_weights=module.trained_unet())
+            module.save_model(self.out, step)
 
 
 class StayOnDevice(pl.strategies.SingleDeviceStrategy):
@@ -840,7 +873,7 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     are how checkpoint.load reads the base model (use_ema, fallback)."""
     base_options = base_options or {}
     gc.collect()  # an earlier run in this process (tests, benchmarks) leaves its networks on the GPU until collected
-    if settings["text_encoder_learning_rate"] == 0:  # a text encoder that cannot move is frozen, and exported as loaded
+    if lora_training.rates(settings)[1] == 0:  # a text encoder that cannot move is frozen, and exported as loaded
         settings = {**settings, "train_text_encoder": False}
     state_dir, workdir, out = Path(state_dir), Path(workdir), Path(out)
     for name in ("pytorch_lightning", "lightning_fabric"):  # they reset their levels on import

@@ -214,11 +214,19 @@ def exported(wildcards):
     return f"{R}/{wildcards.character}/{wildcards.character}.{char(wildcards)['export']['format']}"
 
 
-EXPORTS = [exported(Namespace(character=c)) for c in CHARACTERS] + [
-    f"{R}/{c}/{c}-diffusers"
-    for c, settings in CHARACTERS.items()
-    if settings["export"]["diffusers"]
-]
+EXPORTS = (
+    [exported(Namespace(character=c)) for c in CHARACTERS]
+    + [
+        f"{R}/{c}/{c}-diffusers"
+        for c, settings in CHARACTERS.items()
+        if settings["export"]["diffusers"]
+    ]
+    + [  # the LoRA a lora run trained, or one extracted from a full finetune (rule export_lora)
+        f"{R}/{c}/{c}.lora.safetensors"
+        for c, settings in CHARACTERS.items()
+        if settings["train"]["method"] == "lora" or settings["export"]["lora_rank"]
+    ]
+)
 
 
 def export_settings(wildcards):
@@ -234,13 +242,6 @@ def export_settings(wildcards):
         }
     )
 
-
-# export.lora_rank: a LoRA extracted from the trained model (rule export_lora)
-EXPORTS += [
-    f"{R}/{c}/{c}.lora.safetensors"
-    for c, settings in CHARACTERS.items()
-    if settings["export"]["lora_rank"]
-]
 
 
 def toy_classifier(c):

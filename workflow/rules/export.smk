@@ -36,6 +36,8 @@ rule export_diffusers:
         "dreampipe export {input:q} {output:q} --dtype {params.dtype:q} {params.tokenizer} --log {log:q}"
 
 
+# The LoRA file: with train.method lora the layers training kept beside the merged weights, as
+# trained; otherwise extracted from the finetune (export.lora_rank).
 rule export_lora:
     input:
         trained=f"{R}/{{character}}/train/model.safetensors",
@@ -53,7 +55,9 @@ rule export_lora:
     params:
         base=base_model,
         ranks=lambda wc: shlex.join(
-            ["--rank", str(char(wc)["export"]["lora_rank"])]
+            []
+            if char(wc)["train"]["method"] == "lora"
+            else ["--rank", str(char(wc)["export"]["lora_rank"])]
             + (
                 ["--conv-rank", str(char(wc)["export"]["lora_conv_rank"])]
                 if char(wc)["export"]["lora_conv_rank"]
