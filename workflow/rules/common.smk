@@ -132,7 +132,8 @@ def class_set(c, s):
 
 
 def class_source(c):
-    """generate, instance, none or folder; a clear error names the character file otherwise."""
+    """generate, instance, none, prior_prediction or folder; a clear error names the character
+    file otherwise."""
     return dpclass.source(
         c["class_images"]["class_data"],
         Path(CFG["characters_dir"]) / f"{c['name']}.yaml",
@@ -143,7 +144,7 @@ def class_manifests(wildcards):
     """One class manifest per subject, in the order of instance_dirs."""
     c = char(wildcards)
     source = class_source(c)
-    if source == "none":
+    if source in ("none", "prior_prediction"):  # prior_prediction: the base UNet is the prior
         return []
     if source == "generate":
         n = c["class_images"]["num_class_images"]
