@@ -6,6 +6,8 @@ Run beside ../shared/bench/diffusers_recipe.py A L in the same call.
     python bench/train_speed.py low_memory                          # train.low_memory: true
     python bench/train_speed.py low_memory --profile                # and where the timed steps' time goes (torch.profiler)
     python bench/train_speed.py curve --steps 300                   # loss of the diffusers recipe vs our default profile, same seed and data (~2.5 min on an H200)
+    python bench/train_speed.py default --prior-prediction          # class_data prior_prediction: the frozen base UNet's prediction, no class images
+    python bench/train_speed.py default --validation-every 10       # and the validation loss every 10 steps (its cost: compare s_per_step)
 
 Results: printed, and $OUT/train-<name>.json (curve: $OUT/curve.csv, $OUT/curve.png).
 """
@@ -94,27 +96,33 @@ class Timer(pl.Callback):
                     print(ops.table(sort_by=key, row_limit=12, max_name_column_width=60), flush=True)
 
 
-def measure(profile: str, size: str, compile: str, warm: int, n: int, trace: bool = False):
+def measure(profile: str, size: str, compile: str, warm: int, n: int, trace: bool = False,
+            prior_prediction: bool = False, validation_every: int = 0):
     settings = {**train_defaults(), "resolution": RESOLUTION[size], "max_steps": warm + n,
                 "sample_every_n_steps": 0, "save_state_every_n_steps": 0, "save_state_every_n_minutes": 0,
-                "low_memory": profile == "low_memory", "compile": compile}
+                "low_memory": profile == "low_memory", "compile": compile, "validation_every_n_steps": validation_every,
+                **({"prior_prediction": ["a photo of a dog"]} if prior_prediction else {})}
     work = Path(tempfile.mkdtemp())
     instance_dir, class_manifest = fake_data(work, RESOLUTION[size])
     t0 = time.perf_counter()
     model = random_sd1(size=size)
-    data = train.DreamBoothData([(instance_dir, class_manifest)], settings)
+    data = train.DreamBoothData([(instance_dir, None if prior_prediction else class_manifest)], settings)
     module = train.DreamBooth(model, settings)
     timer = Timer(warm, n, trace)
+    validation = train.Validation(validation_every)
     trainer = pl.Trainer(max_steps=settings["max_steps"], accelerator="auto", devices=1,
                          precision=train.precision(settings["precision"]),
                          gradient_clip_val=settings["max_grad_norm"] or None,
-                         callbacks=[train.Progress(work), timer], logger=False, enable_checkpointing=False,
+                         callbacks=[validation, train.Progress(work, validation=validation), timer], logger=False,
+                         enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          use_distributed_sampler=False)
     trainer.fit(module, datamodule=data)
     sec = timer.seconds
-    save(f"train-{profile}-{compile}", {
-        "profile": profile, "compile": compile, "size": size, "it_s": 1 / sec, "s_per_step": sec,
+    variant = "-prior_prediction" * prior_prediction + f"-val{validation_every}" * bool(validation_every)
+    save(f"train-{profile}-{compile}{variant}", {
+        "profile": profile, "compile": compile, "size": size, "prior_prediction": prior_prediction,
+        "validation_every_n_steps": validation_every, "it_s": 1 / sec, "s_per_step": sec,
         "first_step_s": timer.first_step, "step_peak_gib": timer.step_peak,
         "run_peak_gib": max(timer.warm_peak, peak_gib()),  # the whole fit: what a card must hold
         "phase_peaks_gib": timer.phase_peaks,
@@ -225,10 +233,14 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=50, help="timed steps (curve: steps of each run)")
     p.add_argument("--profile", action="store_true", dest="trace", help="print torch.profiler's tables of the timed steps")
     p.add_argument("--lr", type=float, help="curve: learning rate (default: train.learning_rate's default)")
+    p.add_argument("--prior-prediction", action="store_true",
+                   help="class_images.class_data prior_prediction: no class image, the base UNet's prediction as prior target")
+    p.add_argument("--validation-every", type=int, default=0, help="the validation loss every this many steps (0: off)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if a.profile == "curve":
         curve(a.size, a.steps, a.lr)
     else:
-        measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps, a.trace)
+        measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps, a.trace,
+                a.prior_prediction, a.validation_every)

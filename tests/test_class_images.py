@@ -192,9 +192,10 @@ def test_each_class_data_source_reaches_training(workflow):
 
 
 def test_prior_prediction_plans_no_class_images_and_tells_training_each_class_prompt(workflow):
-    workflow.character("pp", class_images={"class_data": "prior_prediction"},
-                       subjects=[{"instance_dir": "example/photos", "token": "zxq", "class_word": "robot"},
-                                 {"instance_dir": "example/photos", "token": "sks", "class_word": "dog"}])
+    (workflow.path / "config/characters/pp.yaml").write_text(yaml.safe_dump(
+        {"class_images": {"class_data": "prior_prediction"},
+         "subjects": [{"instance_dir": "example/photos", "token": "zxq", "class_word": "robot"},
+                      {"instance_dir": "example/photos", "token": "sks", "class_word": "dog"}]}))
     plan = workflow.snakemake("-n", "-p").stdout
     assert "class_images" not in {rule for rule, _ in workflow.planned()} and "dreampipe class-images" not in plan
     train_line = next(line for line in plan.splitlines() if line.startswith("Shell command: dreampipe train "))
