@@ -144,7 +144,8 @@ def class_manifests(wildcards):
     """One class manifest per subject, in the order of instance_dirs."""
     c = char(wildcards)
     source = class_source(c)
-    if source in ("none", "prior_prediction"):  # prior_prediction: the base UNet is the prior
+    # prior_prediction: no class images, the base UNet's prediction is the prior
+    if source in ("none", "prior_prediction"):
         return []
     if source == "generate":
         n = c["class_images"]["num_class_images"]
