@@ -7,7 +7,8 @@ markdown table, a row as each recipe finishes.
     PYTHONPATH=workflow python bench/toy_recipes.py --seed-set dev --recipe 'lr 2e-4={"learning_rate": 2e-4}'
 
 A recipe is a change to the demo's train settings; "num_class_images" in it changes the class
-images too (the first n of one store, so recipes share them).
+images too (the first n of one store, so recipes share them); "class_data": "prior_prediction"
+trains with no class images, the base model's prediction for the class prompt as the prior target.
 """
 
 import argparse
@@ -42,6 +43,7 @@ def recipes(demo: dict) -> dict:
         f"ours, {steps * 2} steps": {"max_steps": steps * 2},
         "ours, frozen text encoder": {"train_text_encoder": False},
         "ours, prior_loss_weight 3": {"prior_loss_weight": 3.0},
+        "ours, prior_prediction": {"class_data": "prior_prediction"},
     }
 
 
@@ -91,8 +93,10 @@ def main():
     for name, change in chosen.items():
         slug = "".join(ch if ch.isalnum() else "-" for ch in name)
         change = dict(change)
-        manifest = class_manifest(change.pop("num_class_images", ci["num_class_images"]))
-        settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {})}
+        prior_prediction = change.pop("class_data", "generate") == config.PRIOR_PREDICTION
+        manifest = None if prior_prediction else class_manifest(change.pop("num_class_images", ci["num_class_images"]))
+        settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {}),
+                    **({"prior_prediction": [ci["class_prompt"]]} if prior_prediction else {})}
         start = time.perf_counter()
         trained = train.run(model, tokenizer, [(out / "instance", manifest)], settings,
                             out / slug / "state", out / slug, out / slug / "model.safetensors")

@@ -7,6 +7,8 @@ Run beside ../shared/bench/diffusers_recipe.py A L in the same call.
     python bench/train_speed.py low_memory --profile                # and where the timed steps' time goes (torch.profiler)
     python bench/train_speed.py curve --steps 300                   # loss of the diffusers recipe vs our default profile, same seed and data (~2.5 min on an H200)
     python bench/train_speed.py default --method lora [--lora-conv-rank 8]  # train.method lora (rank 16, attention only; LoCon)
+    python bench/train_speed.py default --prior-prediction          # class_data prior_prediction: the frozen base UNet's prediction, no class images
+    python bench/train_speed.py default --validation-every 10       # and the validation loss every 10 steps (its cost: compare s_per_step)
 
 Results: printed, and $OUT/train-<name>.json (<profile>-<compile>, -lora[-conv<rank>] for a LoRA) (curve: $OUT/curve.csv, $OUT/curve.png).
 """
@@ -96,30 +98,35 @@ class Timer(pl.Callback):
 
 
 def measure(profile: str, size: str, compile: str, warm: int, n: int, trace: bool = False, method: str = "full",
-            lora_conv_rank: int | None = None):
+            lora_conv_rank: int | None = None, prior_prediction: bool = False, validation_every: int = 0):
     settings = {**train_defaults(), "resolution": RESOLUTION[size], "max_steps": warm + n,
                 "sample_every_n_steps": 0, "save_state_every_n_steps": 0, "save_state_every_n_minutes": 0,
                 "low_memory": profile == "low_memory", "compile": compile, "method": method,
-                "lora_conv_rank": lora_conv_rank}
+                "lora_conv_rank": lora_conv_rank, "validation_every_n_steps": validation_every,
+                **({"prior_prediction": ["a photo of a dog"]} if prior_prediction else {})}
     work = Path(tempfile.mkdtemp())
     instance_dir, class_manifest = fake_data(work, RESOLUTION[size])
     t0 = time.perf_counter()
     model = random_sd1(size=size)
-    data = train.DreamBoothData([(instance_dir, class_manifest)], settings)
+    data = train.DreamBoothData([(instance_dir, None if prior_prediction else class_manifest)], settings)
     module = train.DreamBooth(model, settings)
     timer = Timer(warm, n, trace)
+    validation = train.Validation(validation_every)
     trainer = pl.Trainer(max_steps=settings["max_steps"], accelerator="auto", devices=1,
                          precision=train.precision(settings["precision"]),
                          gradient_clip_val=settings["max_grad_norm"] or None,
-                         callbacks=[train.Progress(work), timer], logger=False, enable_checkpointing=False,
+                         callbacks=[validation, train.Progress(work, validation=validation), timer], logger=False,
+                         enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          use_distributed_sampler=False)
     trainer.fit(module, datamodule=data)
     sec = timer.seconds
     lora = f"-lora{f'-conv{lora_conv_rank}' if lora_conv_rank else ''}" if method == "lora" else ""
-    save(f"train-{profile}-{compile}{lora}", {
+    variant = lora + "-prior_prediction" * prior_prediction + f"-val{validation_every}" * bool(validation_every)
+    save(f"train-{profile}-{compile}{variant}", {
         "profile": profile, "compile": compile, "size": size, "method": method, "lora_rank": settings["lora_rank"],
-        "lora_conv_rank": lora_conv_rank, "it_s": 1 / sec, "s_per_step": sec,
+        "lora_conv_rank": lora_conv_rank, "prior_prediction": prior_prediction,
+        "validation_every_n_steps": validation_every, "it_s": 1 / sec, "s_per_step": sec,
         "trained_weights": sum(p.numel() for p in module.parameters() if p.requires_grad),
         "first_step_s": timer.first_step, "step_peak_gib": timer.step_peak,
         "run_peak_gib": max(timer.warm_peak, peak_gib()),  # the whole fit: what a card must hold
@@ -233,6 +240,9 @@ if __name__ == "__main__":
     p.add_argument("--lr", type=float, help="curve: learning rate (default: train.learning_rate's default)")
     p.add_argument("--method", choices=["full", "lora"], default="full", help="train.method (not for curve)")
     p.add_argument("--lora-conv-rank", type=int, help="train.lora_conv_rank with --method lora (LoCon)")
+    p.add_argument("--prior-prediction", action="store_true",
+                   help="class_images.class_data prior_prediction: no class image, the base UNet's prediction as prior target")
+    p.add_argument("--validation-every", type=int, default=0, help="the validation loss every this many steps (0: off)")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -240,4 +250,4 @@ if __name__ == "__main__":
         curve(a.size, a.steps, a.lr)
     else:
         measure(a.profile, a.size, False if a.compile == "false" else a.compile, a.warm, a.steps, a.trace, a.method,
-                a.lora_conv_rank)
+                a.lora_conv_rank, a.prior_prediction, a.validation_every)

@@ -29,6 +29,8 @@ def bench(tmp_path, *args) -> str:
     (["bench/train_speed.py", "curve", "--size", "tiny", "--steps", "2"], "train-curve"),
     (["bench/train_speed.py", "default", "--size", "tiny", "--warm", "1", "--steps", "2", "--method", "lora",
       "--lora-conv-rank", "4"], "train-default-auto-lora-conv4"),
+    (["bench/train_speed.py", "default", "--size", "tiny", "--warm", "1", "--steps", "2", "--prior-prediction",
+      "--validation-every", "1"], "train-default-auto-prior_prediction-val1"),
     (["bench/class_images_speed.py", "--size", "tiny", "--compile", "false", "--batch", "2", "--batches", "2",
       "--steps", "2"], "class-images-false"),
     (["bench/class_images_speed.py", "--size", "tiny", "--compile", "false", "--batch", "2", "--batches", "2",

@@ -125,7 +125,7 @@ def test_the_set_folder_depends_on_every_setting_that_shapes_the_images_and_on_n
 
 
 def test_class_data_is_a_keyword_or_a_folder_else_the_error_names_the_character_file(tmp_path):
-    for word in ("generate", "instance", "none"):
+    for word in ("generate", "instance", "none", "prior_prediction"):
         assert class_images.source(word, "alice.yaml") == word
     assert class_images.source(str(tmp_path), "alice.yaml") == "folder"
     with pytest.raises(DreampipeError, match=r"alice\.yaml: class_images\.class_data is 'genrate'"):
@@ -189,6 +189,20 @@ def test_each_class_data_source_reaches_training(workflow):
     r = workflow.snakemake("-n", check=False)
     assert r.returncode != 0
     assert "config/characters/bad.yaml: class_images.class_data is 'my_class_foto'" in r.stdout + r.stderr
+
+
+def test_prior_prediction_plans_no_class_images_and_tells_training_each_class_prompt(workflow):
+    (workflow.path / "config/characters/pp.yaml").write_text(yaml.safe_dump(
+        {"class_images": {"class_data": "prior_prediction"},
+         "subjects": [{"instance_dir": "example/photos", "token": "zxq", "class_word": "robot"},
+                      {"instance_dir": "example/photos", "token": "sks", "class_word": "dog"}]}))
+    plan = workflow.snakemake("-n", "-p").stdout
+    assert "class_images" not in {rule for rule, _ in workflow.planned()} and "dreampipe class-images" not in plan
+    train_line = next(line for line in plan.splitlines() if line.startswith("Shell command: dreampipe train "))
+    args = shlex.split(train_line.split(": ", 1)[1])
+    assert "--class-manifest" not in args and args.count("--instance-dir") == 2
+    settings = json.loads(args[args.index("--settings") + 1])
+    assert settings["prior_prediction"] == ["a photo of a robot", "a photo of a dog"]
 
 
 def test_the_manifest_is_written_under_the_store_lock(tiny_model, tmp_path):

@@ -121,18 +121,24 @@ def wait_for(condition, proc, timeout=300, *, every=0.02, details=None):
 
 
 # Everything that carries state across steps is on: class images, EMA, a text encoder that stops
-# training midway, flips, offset noise, caption dropout, accumulation, a warm-up schedule.
+# training midway, flips, offset noise, caption dropout, Min-SNR, accumulation, a warm-up schedule.
+# The validation loss is measured too (every 3 steps), and with prior_prediction the base UNet's
+# prediction replaces the class images.
 RESUME_SETTINGS = dict(max_steps=8, save_state_every_n_steps=2, ema=True, train_text_encoder=True,
                        text_encoder_steps=5, random_flip=True, offset_noise=0.1, caption_dropout=0.3,
-                       snr_gamma=5.0, gradient_accumulation_steps=2, lr_scheduler="linear", lr_warmup_steps=3)
+                       snr_gamma=5.0, gradient_accumulation_steps=2, lr_scheduler="linear", lr_warmup_steps=3,
+                       validation_every_n_steps=3)
 
 
-def test_killed_training_resumes_to_bit_identical_weights(tiny_model, instance, class_images, tmp_path):
-    subjects = [(instance, class_manifest(class_images, 3))]
-    whole = run(tiny_model, subjects, tmp_path / "whole", **RESUME_SETTINGS)
+@pytest.mark.parametrize("prior", ["class images", "prior_prediction"])
+def test_killed_training_resumes_to_bit_identical_weights(tiny_model, instance, class_images, tmp_path, prior):
+    pp = prior == "prior_prediction"
+    subjects = [(instance, None if pp else class_manifest(class_images, 3))]
+    resume_settings = {**RESUME_SETTINGS, **({"prior_prediction": ["a photo of a robot"]} if pp else {})}
+    whole = run(tiny_model, subjects, tmp_path / "whole", **resume_settings)
 
     folder = tmp_path / "killed"
-    cmd = train_command(tiny_model, subjects, folder, settings(**RESUME_SETTINGS))
+    cmd = train_command(tiny_model, subjects, folder, settings(**resume_settings))
     proc = start(cmd)
     wait_for(lambda: (folder / ".state" / train.STATE_FILE).exists(), proc)
     proc.send_signal(signal.SIGKILL)
@@ -147,6 +153,8 @@ def test_killed_training_resumes_to_bit_identical_weights(tiny_model, instance, 
     assert identical(load_file(folder / "model.safetensors"), whole)
     steps = [int(r.split(",")[0]) for r in (folder / "train" / "loss.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 9)), "the loss log has every step once"
+    assert val_losses(folder) == val_losses(tmp_path / "whole") and sorted(val_losses(folder)) == [3, 6, 8]
+    assert losses(folder, 3) == losses(tmp_path / "whole", 3)
     assert not (folder / ".state").exists(), "state is removed once the model is written"
 
 
@@ -889,3 +897,120 @@ def test_caption_dropout_gives_instance_items_the_empty_caption(tiny_model, inst
     if dropout == 0.5:
         assert True in dropped and False in dropped
     assert all(torch.equal(c, robot) for c in context[6:]), "class images keep their caption"
+
+
+# ---- validation loss ---------------------------------------------------------------------------
+
+def val_losses(folder: Path) -> dict[int, float]:
+    rows = [r.split(",") for r in (folder / "train" / "loss.csv").read_text().splitlines()[1:]]
+    return {int(r[0]): float(r[4]) for r in rows if r[4]}
+
+
+def test_validation_loss_is_written_at_its_steps_and_never_changes_the_weights(tiny_model, instance, class_images,
+                                                                               tmp_path):
+    # the draws that validation could disturb are all on: class images, flips, offset noise, EMA
+    subjects = [(instance, class_manifest(class_images, 3))]
+    common = dict(max_steps=5, random_flip=True, offset_noise=0.1, ema=True)
+    on = run(tiny_model, subjects, tmp_path / "on", validation_every_n_steps=2, **common)
+    off = run(tiny_model, subjects, tmp_path / "off", validation_every_n_steps=0, **common)
+    assert identical(on, off)
+    assert losses(tmp_path / "on", 1) == losses(tmp_path / "off", 1), "the same training draws"
+    measured = val_losses(tmp_path / "on")
+    assert sorted(measured) == [2, 4, 5], "every 2 steps and at the last"
+    assert val_losses(tmp_path / "off") == {}
+    assert all(0 < v < 10 for v in measured.values())
+    again = run(tiny_model, subjects, tmp_path / "again", validation_every_n_steps=2, **common)
+    assert identical(again, on) and val_losses(tmp_path / "again") == measured, "fixed draws: the same figure"
+
+
+def test_validation_loss_goes_on_the_loss_plot_and_older_rows_without_it_still_plot(tmp_path):
+    csv, png = tmp_path / "loss.csv", tmp_path / "loss.png"
+    csv.write_text("step,loss,instance_loss,prior_loss,val_loss\n1,0.5,0.5,nan\n2,0.4,0.4,nan,\n3,0.3,0.3,nan,0.35\n")
+    train.plot_loss(csv, png)
+    plain = tmp_path / "plain.csv"
+    plain.write_text("step,loss,instance_loss,prior_loss\n1,0.5,0.5,nan\n2,0.4,0.4,nan\n3,0.3,0.3,nan\n")
+    train.plot_loss(plain, tmp_path / "plain.png")
+    assert not np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(tmp_path / "plain.png")))
+
+
+def test_held_out_photos_are_never_drawn_for_training(instance, tmp_path):
+    s = settings(validation_photos=2)
+    data = train.DreamBoothData([(instance, None)], s)
+    manifest = json.loads((instance / "manifest.json").read_text())
+    held = [sampling.from_pil([Image.open(instance / m["file"]).convert("RGB")])[0] for m in manifest[-2:]]
+    assert data.instance_counts == [len(manifest) - 2]
+    assert torch.equal(data.validation_images, torch.stack(held))
+    assert not any(torch.equal(img, h) for img in data.instance_images for h in held)
+    drawn = {i for b in train.StepIndices(s, data.instance_counts, data.class_counts, 0, 50) for i in b["instance"]}
+    assert drawn == set(range(len(manifest) - 2)), "the training draws index only the photos kept"
+    with pytest.raises(DreampipeError, match=r"manifest\.json: train\.validation_photos is 6 .* leaves none to train"):
+        train.DreamBoothData([(instance, None)], settings(validation_photos=len(manifest)))
+
+
+def test_held_out_photos_make_the_validation_batch(tiny_model, instance, tmp_path):
+    shared = run(tiny_model, [(instance, None)], tmp_path / "shared", max_steps=2, validation_every_n_steps=1)
+    held = run(tiny_model, [(instance, None)], tmp_path / "held", max_steps=2, validation_every_n_steps=1,
+               validation_photos=2)
+    assert not identical(shared, held), "two photos fewer to train on"
+    assert val_losses(tmp_path / "held").keys() == {1, 2}
+    assert val_losses(tmp_path / "held") != val_losses(tmp_path / "shared")
+
+
+# ---- prior preservation by the base model's prediction -----------------------------------------
+
+def test_prior_prediction_targets_the_frozen_base_models_prediction(tiny_model, instance, tmp_path):
+    subjects = [(instance, None)]
+    run(tiny_model, subjects, tmp_path, max_steps=3, learning_rate=1e-3, keep_state=True,
+        save_state_every_n_steps=2, prior_prediction=["a photo of a robot"])
+    prior = losses(tmp_path, 3)
+    # the first step's loss is computed before any update: the trained UNet is the base one
+    assert prior[0] == 0 and losses(tmp_path, 2)[0] > 0.01
+    assert all(p > 0 for p in prior[1:]), "the target is the base model's, not the trained one's"
+    state = torch.load(tmp_path / ".state" / train.STATE_FILE, weights_only=True)
+    assert all(k.startswith("unet.") for k in state["state_dict"]), "no frozen copy in the saved state"
+
+
+def test_a_lora_takes_its_prior_prediction_from_its_own_unet_with_the_adapters_off(tiny_model, instance, tmp_path,
+                                                                                    monkeypatch):
+    """No frozen copy for a LoRA: its UNet with the adapters bypassed is the base model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from dreampipe import lora_training
+
+    copies = []
+    monkeypatch.setattr(train, "frozen_copy", lambda *a: copies.append(a))
+    run(tiny_model, [(instance, None)], tmp_path, max_steps=3, method="lora", lora_rank=4, lora_learning_rate=1e-2,
+        prior_prediction=["a photo of a robot"])
+    prior = losses(tmp_path, 3)
+    assert not copies and prior[0] == 0 and all(p > 0 for p in prior[1:])
+
+    model = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1])
+    adapters = lora_training.Adapters(model, settings(method="lora", lora_rank=4))
+    for name, p in model.unet.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    base = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1]).unet
+    with torch.no_grad(), adapters.off(model.unet):
+        assert all(m.disable_adapters for m in model.unet.modules() if isinstance(m, BaseTunerLayer))
+        assert torch.allclose(model.unet(x, t, ctx).sample, base(x, t, ctx).sample, atol=1e-6)
+    assert not any(m.disable_adapters for m in model.unet.modules() if isinstance(m, BaseTunerLayer))
+    assert all(p.requires_grad for n, p in model.unet.named_parameters() if ".lora_" in n)
+
+
+def test_prior_prediction_shapes_the_weights_and_the_prior_loss_weight_applies(tiny_model, instance, tmp_path):
+    subjects, pp = [(instance, None)], ["a photo of a robot"]
+    none = run(tiny_model, subjects, tmp_path / "none", max_steps=3, learning_rate=1e-3)
+    zero = run(tiny_model, subjects, tmp_path / "zero", max_steps=3, learning_rate=1e-3, prior_prediction=pp,
+               prior_loss_weight=0.0)
+    one = run(tiny_model, subjects, tmp_path / "one", max_steps=3, learning_rate=1e-3, prior_prediction=pp)
+    travelled = distance(none, load_file(tiny_model[0]))
+    assert distance(zero, none) < 0.25 * travelled  # as test_prior_loss_weight_zero_equals_no_class_data
+    assert distance(one, none) > distance(zero, none)
+    assert train.fingerprint(settings(prior_prediction=pp), [], 1, cache=tmp_path / "c.json") != \
+        train.fingerprint(settings(), [], 1, cache=tmp_path / "c.json")
+
+
+def test_prior_prediction_refuses_class_manifests(instance, class_images):
+    with pytest.raises(DreampipeError, match="prior_prediction takes one class prompt per subject"):
+        train.DreamBoothData([(instance, class_manifest(class_images, 3))], settings(prior_prediction=["a robot"]))

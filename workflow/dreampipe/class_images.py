@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import DreampipeError
 from .files import write_json
 
-KEYWORDS = ("generate", "instance", "none")
+KEYWORDS = ("generate", "instance", "none", "prior_prediction")
 # Compiling the UNet's blocks (27 s with cold caches on an H200) pays for itself from about this
 # many images x sampling steps (250 images at 50 steps; docs/benchmarks.md); below, the GPU samples eagerly.
 COMPILE_FROM_IMAGE_STEPS = 12500
@@ -31,7 +31,8 @@ WRITERS = 2
 
 
 def source(class_data: str, character_file) -> str:
-    """generate, instance, none, or folder (class_data is then the folder of the user's photos)."""
+    """generate, instance, none, prior_prediction, or folder (class_data is then the folder of the
+    user's photos)."""
     if class_data in KEYWORDS:
         return class_data
     if Path(class_data).is_dir():

@@ -32,11 +32,14 @@ SUBJECT_KEYS = ("instance_dir", "token", "class_word", "instance_prompt")
 # a training that resumes keeps its state.
 NON_SHAPING_SETTINGS = ("sample_every_n_steps", "sample_prompts", "sample_seeds", "sample_steps",
                         "sample_guidance_scale", "save_state_every_n_steps", "save_state_every_n_minutes",
-                        "keep_state", "save_every_n_steps", "keep_last", "compile", "sample_sheet")
+                        "keep_state", "save_every_n_steps", "keep_last", "compile", "sample_sheet",
+                        "validation_every_n_steps")
 # Training settings of one train.method only (the lora method has learning rates of its own).
 METHOD_SETTINGS = {"full": ("learning_rate", "text_encoder_learning_rate"),
                    "lora": ("lora_rank", "lora_alpha", "lora_conv_rank", "lora_learning_rate",
                             "lora_text_encoder_learning_rate")}
+# class_images.class_data: no class images; the prior loss's target is the base UNet's prediction
+PRIOR_PREDICTION = "prior_prediction"
 PROMPT_WORDS = ["token", "class_word", "instance_prompt"]  # what {placeholders} of prompts may name
 # A character's name is its file's name; it is part of every output path and of shell commands,
 # so it is kept to characters that need no quoting anywhere, and short enough for derived names
@@ -247,10 +250,14 @@ def for_each_subject(prompts: list[str], subjects: list[dict]) -> list[str]:
 def train_settings(c: dict) -> dict:
     """Everything training is told: the train section (but the other method's keys: changing them
     reruns nothing), the image resolution, and the sample section (sample_sheet: the train job
-    draws the sample job's rows, sample.py)."""
+    draws the sample job's rows, sample.py); with class_images.class_data prior_prediction, each
+    subject's class prompt (prior_prediction)."""
     other = [k for method, keys in METHOD_SETTINGS.items() if method != c["train"]["method"] for k in keys]
-    return {**{k: v for k, v in c["train"].items() if k not in other}, "resolution": c["prepare"]["resolution"],
-            "sample_sheet": c["sample"]}
+    settings = {**{k: v for k, v in c["train"].items() if k not in other}, "resolution": c["prepare"]["resolution"],
+                "sample_sheet": c["sample"]}
+    if c["class_images"]["class_data"] == PRIOR_PREDICTION:
+        settings["prior_prediction"] = [s["class_prompt"] for s in c["subjects"]]
+    return settings
 
 
 def split_train_settings(c: dict) -> tuple[dict, dict]:

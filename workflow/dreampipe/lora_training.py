@@ -13,6 +13,7 @@ those weights with the adapters merged in (lora.merge), in the dtype they were l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -76,6 +77,21 @@ class Adapters:
             weights = {**self.parameters(getattr(self.model, part)), **(replace or {}).get(part, {})}
             out.update(lora.from_peft(weights, part, self.alpha))
         return {k: (d.detach().cpu(), u.detach().cpu(), a) for k, (d, u, a) in out.items()}
+
+    @contextlib.contextmanager
+    def off(self, net: torch.nn.Module):
+        """`net` as the base model, its adapters bypassed (prior_prediction's target): PEFT's own
+        switch, set on each adapted layer, without its set_adapter, which would toggle requires_grad."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        adapted = [m for m in net.modules() if isinstance(m, BaseTunerLayer)]
+        for m in adapted:
+            m._disable_adapters = True
+        try:
+            yield
+        finally:
+            for m in adapted:
+                m._disable_adapters = False
 
     def merged(self, layers: dict) -> checkpoint.StableDiffusion:
         """The model as loaded with `layers` merged into its weights: networks without adapters,

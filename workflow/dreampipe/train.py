@@ -101,8 +101,12 @@ class DreamBoothData(pl.LightningDataModule):
         self.settings = settings
         instance, classes, self.instance_counts, self.class_counts = [], [], [], []
         self.instance_captions, self.class_captions = [], []
+        held_out, self.validation_captions, entries = [], [], []
         for instance_dir, class_manifest in subjects:
-            manifest = json.loads((Path(instance_dir) / "manifest.json").read_text())
+            manifest, kept = hold_out(Path(instance_dir) / "manifest.json", settings.get("validation_photos", 0))
+            entries += [(Path(instance_dir), m) for m in manifest]
+            held_out += [Path(instance_dir) / m["file"] for m in kept]
+            self.validation_captions += [m["caption"] for m in kept]
             instance += [Path(instance_dir) / m["file"] for m in manifest]
             self.instance_captions += [m["caption"] for m in manifest]
             self.instance_counts.append(len(manifest))
@@ -112,9 +116,14 @@ class DreamBoothData(pl.LightningDataModule):
             self.class_counts.append(len(files["images"]))
         if any(self.class_counts) and not all(self.class_counts):
             raise DreampipeError("every subject needs class images, or none: give each subject a class manifest")
+        prior = settings.get("prior_prediction")
+        if prior and (any(self.class_counts) or len(prior) != len(subjects)):
+            raise DreampipeError("prior_prediction takes one class prompt per subject and no class manifests "
+                                 "(class_images.class_data prior_prediction needs no class images)")
         self.instance_images = sampling.from_pil(read_images(instance))
         self.class_images = sampling.from_pil(read_images(classes)) if classes else torch.empty(0)
-        self.instance_masks = read_masks(subjects, self.instance_images.shape[-2:]) if settings["masked_loss"] else None
+        self.instance_masks = read_masks(entries, self.instance_images.shape[-2:]) if settings["masked_loss"] else None
+        self.validation_images = sampling.from_pil(read_images(held_out)) if held_out else torch.empty(0)
 
     def train_dataloader(self):
         accum, trainer = self.settings["gradient_accumulation_steps"], self.trainer
@@ -127,18 +136,18 @@ class DreamBoothData(pl.LightningDataModule):
         return batch  # indices stay on the CPU, where they are used; the module uploads what the GPU needs
 
 
-def read_masks(subjects: list[tuple[Path, Path | None]], size) -> torch.Tensor:
+def read_masks(entries: list[tuple[Path, dict]], size) -> torch.Tensor:
     """train.masked_loss: the subject mask of every instance image (the "mask" of its manifest
-    entry, written by prepare), N x 1 x H x W in 0..1; an image without one is all subject (1)."""
+    entry, written by prepare; entries: (instance folder, entry)), N x 1 x H x W in 0..1; an image
+    without one is all subject (1)."""
     masks, missing = [], []
-    for instance_dir, _ in subjects:
-        for m in json.loads((Path(instance_dir) / "manifest.json").read_text()):
-            if "mask" in m:
-                with Image.open(Path(instance_dir) / m["mask"]) as im:
-                    masks.append(torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255))
-            else:
-                masks.append(torch.ones(tuple(size)))
-                missing.append(m["source"])
+    for instance_dir, m in entries:
+        if "mask" in m:
+            with Image.open(instance_dir / m["mask"]) as im:
+                masks.append(torch.from_numpy(np.asarray(im.convert("L"), dtype=np.float32) / 255))
+        else:
+            masks.append(torch.ones(tuple(size)))
+            missing.append(m["source"])
     if len(missing) == len(masks):
         folders = ", ".join(sorted({str(Path(m).parent) for m in missing}))  # the photo folders
         raise DreampipeError(
@@ -149,6 +158,17 @@ def read_masks(subjects: list[tuple[Path, Path | None]], size) -> torch.Tensor:
         log.warning("%d instance image(s) have no subject mask and are learned whole: %s", len(missing),
                     ", ".join(Path(m).name for m in missing))
     return torch.stack(masks)[:, None]
+
+
+def hold_out(manifest_file: Path, count: int) -> tuple[list[dict], list[dict]]:
+    """(the photos to train on, the last `count` of the manifest, held out for the validation loss)."""
+    manifest = json.loads(Path(manifest_file).read_text())
+    if count and count >= len(manifest):
+        raise DreampipeError(
+            f"{manifest_file}: train.validation_photos is {count} but this subject has {len(manifest)} photos, "
+            f"which leaves none to train on; set train.validation_photos below {len(manifest)} (0 measures the "
+            "validation loss on the training photos)")
+    return (manifest[:-count], manifest[-count:]) if count else (manifest, [])
 
 
 def read_images(files: list) -> list[Image.Image]:
@@ -190,18 +210,25 @@ class DreamBooth(pl.LightningModule):
         dm = self.trainer.datamodule
         self.vae.eval()
         self._frozen_to(device)
+        prior_prompts = self.s.get("prior_prediction") or []
         empty = [""] if self.s["caption_dropout"] else []  # the caption of dropped ones
-        self.captions = list(dict.fromkeys(dm.instance_captions + dm.class_captions + empty))
+        self.captions = list(dict.fromkeys(dm.instance_captions + dm.class_captions + dm.validation_captions
+                                           + prior_prompts + empty))
         index = {c: i for i, c in enumerate(self.captions)}
         self.instance_caption = torch.tensor([index[c] for c in dm.instance_captions])
         self.class_caption = torch.tensor([index[c] for c in dm.class_captions], dtype=torch.long)
         self.caption_embeddings = None
         if not self.text_encoder_trained():
             self.cache_captions()
+        if prior_prompts:
+            self.cache_prior_prompts(prior_prompts, index, dm.instance_counts)
         self.instance_latents = self._encode_images(dm.instance_images)
         self.instance_masks = self._latent_masks(dm.instance_masks)
         self.class_latents = self._encode_images(dm.class_images) if len(dm.class_images) else None
         log.info("latents of %d images cached", len(dm.instance_images) + len(dm.class_images))
+        self.validation = validation_batch(
+            self, self._encode_images(dm.validation_images) if len(dm.validation_images) else self.instance_latents,
+            [index[c] for c in (dm.validation_captions or dm.instance_captions)])
 
     def on_fit_start(self):
         if self.ema:
@@ -248,6 +275,41 @@ class DreamBooth(pl.LightningModule):
         self.text_encoder.requires_grad_(False)
         with torch.no_grad():
             self.caption_embeddings = self._embed(self.captions)
+
+    def cache_prior_prompts(self, prompts: list[str], index: dict, instance_counts: list[int]):
+        """prior_prediction: each instance image's subject and the caption index of its class prompt;
+        the base model's context of each class prompt, from the text encoder before any step."""
+        self.instance_subject = torch.repeat_interleave(torch.arange(len(instance_counts)), torch.tensor(instance_counts))
+        self.prior_caption = torch.tensor([index[p] for p in prompts])
+        with torch.no_grad():
+            self.prior_context = (self.caption_embeddings[self.prior_caption.to(self.caption_embeddings.device)]
+                                  if self.caption_embeddings is not None else self._embed(prompts))
+
+    @torch.no_grad()
+    def base_prediction(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The base model's noise prediction, prior_prediction's target: a full finetune runs the
+        frozen copy of the base UNet made in configure_model; a LoRA, its own UNet with the adapters off."""
+        unet = self.unet if self.lora else self.base_unet[0]
+        dtype = next(unet.parameters()).dtype
+        with self.lora.off(unet) if self.lora else contextlib.nullcontext():
+            return unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample
+
+    @torch.no_grad()
+    def validation_loss(self) -> torch.Tensor:
+        """The loss of the fixed validation batch (validation_batch) on the weights being trained:
+        the UNet in eval mode and eager, no gradients, no random draw; on the device, unsynced."""
+        v = self.validation
+        noisy = self.noise_scheduler.add_noise(v["latents"], v["noise"], v["timesteps"])
+        context = (self.caption_embeddings[v["captions"]] if self.caption_embeddings is not None
+                   else self._embed([self.captions[i] for i in v["captions"].tolist()]))
+        dtype = next(self.unet.parameters()).dtype
+        self.unet.eval()
+        try:
+            with speed.eager(), self.trainer.precision_plugin.forward_context():
+                pred = self.unet(noisy.to(dtype), v["timesteps"], encoder_hidden_states=context.to(dtype)).sample
+        finally:
+            self.unet.train()
+        return F.mse_loss(pred.float(), v["noise"].float())
 
     def text_encoder_trained(self) -> bool:
         stop = self.s["text_encoder_steps"]
@@ -339,6 +401,10 @@ class DreamBooth(pl.LightningModule):
         if n_cls:
             parts.append(self._items(self.class_latents, batch["class"], positions, "class"))
             caption_ids.append(self.class_caption[batch["class"]])
+        prior_subjects = self.instance_subject[batch["instance"]] if self.s.get("prior_prediction") else None
+        if prior_subjects is not None:  # the instance items again, each with its subject's class prompt
+            parts.append(parts[0])
+            caption_ids.append(self.prior_caption[prior_subjects])
         latents, noise, timesteps = (torch.cat(t) for t in zip(*parts))
         caption_ids = torch.cat(caption_ids)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -350,6 +416,10 @@ class DreamBooth(pl.LightningModule):
         loss = instance_loss = self.noise_loss(pred[:n_inst], noise[:n_inst], timesteps[:n_inst], pixel_weights).mean()
         prior_loss = torch.full_like(loss, float("nan"))
         self.log("instance_loss", instance_loss)
+        if prior_subjects is not None:
+            n_cls, context = n_inst, self.prior_context[upload(self.device, prior_subjects)[0]]
+            target = self.base_prediction(noisy[:n_inst], timesteps[:n_inst], context)
+            noise = torch.cat([noise[:n_inst], target.to(noise.dtype)])
         if n_cls:
             prior_loss = self.noise_loss(pred[n_inst:], noise[n_inst:], timesteps[n_inst:]).mean()  # never masked
             loss = loss + self.s["prior_loss_weight"] * prior_loss
@@ -361,7 +431,10 @@ class DreamBooth(pl.LightningModule):
     def configure_model(self):
         # before the strategy's setup, where DDP hooks each weight's gradient as the weight is then:
         # a weight cast afterwards (bf16) gets gradients that DDP silently never averages
-        self.unet_call = speed.prepare_training(self.sd, self.s, self.trainer.strategy.root_device)
+        device = self.trainer.strategy.root_device
+        if self.s.get("prior_prediction") and not self.lora:  # the base weights, before any step and any compiling
+            self.base_unet = (frozen_copy(self.unet, device),)  # a tuple: not a submodule, not in the saved state
+        self.unet_call = speed.prepare_training(self.sd, self.s, device)
 
     def configure_optimizers(self):
         from diffusers.optimization import get_scheduler
@@ -464,6 +537,39 @@ class DreamBooth(pl.LightningModule):
         trained = [p for p in self.parameters() if p.requires_grad]
         size = sum(p.numel() * p.element_size() for p in trained) * 3
         return size + (sum(p.numel() * 4 for p in self.ema_parameters()) if self.ema else 0)
+
+
+def frozen_copy(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A frozen copy of the UNet on `device` (in bf16 and channels-last on a GPU), for inference only."""
+    import copy
+
+    base = copy.deepcopy(unet).requires_grad_(False).eval().to(device)
+    if speed.on_gpu(device):
+        base.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    return base
+
+
+# The validation batch: as many (photo latent, noise, timestep) triples, timesteps spread evenly.
+VALIDATION_ITEMS = 8
+
+
+def validation_batch(module: DreamBooth, latents: dict, captions: list[int]) -> dict:
+    """Item i of the validation batch: photo i mod n of `latents` with its caption, a latent sample
+    and noise from the stream rng(seed, "validation", i), no flip, and timestep (i + 1/2) T / 8 of
+    the T of the schedule: the same draws at every measure, and no draw from training's streams."""
+    steps, shape = module.noise_scheduler.config.num_train_timesteps, latents["mean"].shape[1:]
+    eps, noise = [], []
+    for i in range(VALIDATION_ITEMS):
+        g = rng(module.s["seed"], "validation", i)
+        eps.append(torch.randn(shape, generator=g))
+        noise.append(torch.randn(shape, generator=g))
+    device = latents["mean"].device
+    photo = torch.arange(VALIDATION_ITEMS, device=device) % len(captions)
+    sample = latents["mean"][photo] + latents["std"][photo] * torch.stack(eps).to(device)
+    return {"latents": sample * module.vae.config.scaling_factor, "noise": torch.stack(noise).to(device),
+            "timesteps": torch.tensor([int((i + 0.5) * steps / VALIDATION_ITEMS) for i in range(VALIDATION_ITEMS)],
+                                      device=device),
+            "captions": torch.tensor(captions, device=device)[photo]}
 
 
 def ema_model(parameters, decay: float):
@@ -623,13 +729,39 @@ def to_cpu(state):
         return apply_to_collection(state, torch.Tensor, lambda t: t.to("cpu"))
 
 
+# loss.csv: val_loss is empty where it was not measured (and absent from rows of older runs)
+LOSS_COLUMNS = "step,loss,instance_loss,prior_loss,val_loss"
+
+
+class Validation(pl.Callback):
+    """The loss of the fixed validation batch every n optimizer steps and at the last, on the first
+    rank, for Progress to write (val_loss): computed on the device, read at Progress's flush."""
+
+    def __init__(self, every_n_steps: int | None):
+        self.every, self.losses = every_n_steps or 0, {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if (trainer.is_global_zero and self.every and at_step_end(trainer, batch_idx)
+                and (step % self.every == 0 or step == trainer.max_steps)):
+            self.losses[step] = module.validation_loss()
+
+    def take(self) -> dict[int, float]:
+        """The losses measured since the last call, by step."""
+        taken = {step: float(loss) for step, loss in self.losses.items()}
+        self.losses = {}
+        for step, loss in taken.items():
+            log.info("step %d validation loss %.4f", step, loss)
+        return taken
+
+
 class Progress(pl.Callback):
     """A bar over optimizer steps (so rate and ETA are right after a resume) and a loss CSV.
     Reading a loss waits for the GPU, so the rows are collected on the device and written every
     `every` steps and before each state save (a resume then finds every row up to its step)."""
 
-    def __init__(self, workdir: Path, every: int = LOG_EVERY_N_STEPS):
-        self.csv, self.every, self.pending = Path(workdir) / "loss.csv", every, []
+    def __init__(self, workdir: Path, every: int = LOG_EVERY_N_STEPS, validation: Validation | None = None):
+        self.csv, self.every, self.pending, self.validation = Path(workdir) / "loss.csv", every, [], validation
 
     def on_train_start(self, trainer, module):
         from tqdm import tqdm
@@ -639,7 +771,7 @@ class Progress(pl.Callback):
         self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, unit="step", desc="train")
         rows = self.csv.read_text().splitlines()[1:] if self.csv.exists() and trainer.global_step else []
         kept = [r for r in rows if int(r.split(",")[0]) <= trainer.global_step]
-        self.csv.write_text("\n".join(["step,loss,instance_loss,prior_loss", *kept]) + "\n")
+        self.csv.write_text("\n".join([LOSS_COLUMNS, *kept]) + "\n")
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if not (trainer.is_global_zero and at_step_end(trainer, batch_idx)):
@@ -658,8 +790,10 @@ class Progress(pl.Callback):
         if not self.pending:
             return float("nan")
         values = torch.stack([v for _, v in self.pending]).tolist()
+        val = self.validation.take() if self.validation else {}
         with self.csv.open("a") as f:
-            f.writelines(f"{step},{a:.6f},{b:.6f},{c:.6f}\n" for (step, _), (a, b, c) in zip(self.pending, values))
+            f.writelines(f"{step},{a:.6f},{b:.6f},{c:.6f},{format(val[step], '.6f') if step in val else ''}\n"
+                         for (step, _), (a, b, c) in zip(self.pending, values))
         self.pending = []
         return values[-1][0]
 
@@ -920,7 +1054,8 @@ def run(model_path, tokenizer, subjects: list[tuple[Path, Path | None]], setting
     writer = WriteModel(out, sampler, rows)
     logger = tensorboard_logger(workdir)
     # the state is saved last, so a kill after it finds this step's grid and checkpoint written
-    callbacks = [Progress(workdir), sampler, rows,
+    validation = Validation(settings.get("validation_every_n_steps"))
+    callbacks = [validation, Progress(workdir, validation=validation), sampler, rows,
                  SaveCheckpoints(workdir, settings["save_every_n_steps"], settings["keep_last"]), saver, writer]
     if logger:
         callbacks.append(pl.callbacks.LearningRateMonitor("step"))
@@ -979,12 +1114,15 @@ def plot_loss(csv: Path, png: Path, ema: list[float] | None = None) -> None:
 
     rows = [r.split(",") for r in csv.read_text().splitlines()[1:]]
     steps, loss = [int(r[0]) for r in rows], [float(r[1]) for r in rows]
+    val = [(int(r[0]), float(r[4])) for r in rows if len(r) > 4 and r[4]]
     fig, axes = plt.subplots(1, 2 if ema else 1, figsize=(11 if ema else 6, 3.5), dpi=100, squeeze=False)
     ax = axes[0][0]
     ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
     window = max(1, len(loss) // 20)
     smooth = [sum(loss[max(0, i - window + 1):i + 1]) / len(loss[max(0, i - window + 1):i + 1]) for i in range(len(loss))]
     ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
+    if val:
+        ax.plot(*zip(*val), "o-", ms=3, lw=1.2, label=f"validation (last: {val[-1][1]:.4f})")
     ax.set(xlabel="step", ylabel="loss", title="training loss")
     ax.legend()
     if ema:

@@ -140,7 +140,8 @@ def class_set(c, s):
 
 
 def class_source(c):
-    """generate, instance, none or folder; a clear error names the character file otherwise."""
+    """generate, instance, none, prior_prediction or folder; a clear error names the character
+    file otherwise."""
     return dpclass.source(
         c["class_images"]["class_data"],
         Path(CFG["characters_dir"]) / f"{c['name']}.yaml",
@@ -151,7 +152,8 @@ def class_manifests(wildcards):
     """One class manifest per subject, in the order of instance_dirs."""
     c = char(wildcards)
     source = class_source(c)
-    if source == "none":
+    # prior_prediction: no class images, the base UNet's prediction is the prior
+    if source in ("none", "prior_prediction"):
         return []
     if source == "generate":
         n = c["class_images"]["num_class_images"]
