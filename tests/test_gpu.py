@@ -281,6 +281,43 @@ def test_a_lora_trains_bf16_adapters_and_writes_them_merged_into_the_base_as_loa
 
 
 @gpu
+def test_masked_loss_has_no_gradient_on_the_background_under_the_compiled_step(tiny_model, tmp_path, monkeypatch):
+    """The CPU test's twin through the GPU's compiled, CUDA-graphed step, with Min-SNR and caption
+    dropout on: the background's gradient is exactly zero, the subject's is not."""
+    calls = test_train.recording_unet(monkeypatch)
+    photos = test_train.masked(instance_folder(tmp_path / "instance", 64), tmp_path / "masked")
+    test_train.run(tiny_model, [(photos, None)], tmp_path / "run", max_steps=3, batch_size=3, masked_loss=True,
+                   snr_gamma=5.0, caption_dropout=0.5)
+    for call in calls:
+        grad = call["pred"].grad
+        assert grad is not None and (grad[..., 4:] == 0).all() and (grad[..., :4] != 0).any()
+    report("masked_loss_tiny", steps=len(calls), pred_dtype=str(calls[0]["pred"].dtype))
+
+
+@gpu
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_prior_prediction_starts_at_zero_prior_loss_on_the_gpu(tiny_model, tmp_path, method):
+    """The base model's prediction as the prior target: the frozen bf16 copy (full) or the UNet with
+    its adapters off (lora) predicts what the trained UNet does before the first update, up to the
+    compiled step's rounding."""
+    lora = dict(method="lora", lora_rank=4, lora_learning_rate=1e-2) if method == "lora" else dict(learning_rate=1e-3)
+    run_tiny(tiny_model, tmp_path, max_steps=3, prior_prediction=["a photo of a robot"], **lora)
+    prior, instance = test_train.losses(tmp_path, 3), test_train.losses(tmp_path, 2)
+    report(f"prior_prediction_tiny_{method}", prior_loss=prior, instance_loss=instance)
+    assert prior[0] < 1e-3 * instance[0] and all(p > prior[0] for p in prior[1:])
+
+
+@gpu
+def test_validation_loss_is_measured_on_the_gpu_at_its_steps(tiny_model, tmp_path):
+    run_tiny(tiny_model, tmp_path, max_steps=4, validation_every_n_steps=2)
+    rows = [r.split(",") for r in (tmp_path / "train" / "loss.csv").read_text().splitlines()]
+    column = rows[0].index("val_loss")
+    measured = {int(r[0]): float(r[column]) for r in rows[1:] if r[column]}
+    report("validation_tiny", val_loss=measured)
+    assert sorted(measured) == [2, 4] and all(0 < v < 10 for v in measured.values())
+
+
+@gpu
 def test_adamw8bit_trains_at_a_dreambooth_learning_rate(tiny_model, tmp_path):
     """bitsandbytes' AdamW8bit rounds to nearest, so it trains fp32 master weights: at lr 2e-6
     most UNet weights move (on bf16 weights almost none would)."""
