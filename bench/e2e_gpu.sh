@@ -7,7 +7,8 @@
 # a second character there finds the base model and warm compile caches).
 # Env: NAME (alice), CLASS (woman), STEPS (1000), NCLASS (200), LIMIT (540 s), COLD=1 empties the
 # compile caches (Triton's and inductor's, under /tmp/e2e-cache) first, TRAIN_EXTRA (yaml lines under train:),
-# CHARACTER_EXTRA (top-level yaml lines of the character file), MASKS=1 (a subject mask beside each photo).
+# CHARACTER_EXTRA (top-level yaml lines of the character file), MASKS=1 (a subject mask beside each photo),
+# CLASS_DATA (class_images.class_data: generate, or prior_prediction).
 # CPUS (e.g. 0-15): run on those cores only (taskset), so that a baseline beside it on the other
 # GPU gets the other half of the host: the diffusers example is CPU-bound and slowed by a third
 # when both shared 32 cores (docs/benchmarks.md, call 9).
@@ -34,6 +35,7 @@ token: sks
 class_word: $CLASS
 class_images:
   num_class_images: ${NCLASS:-200}
+  class_data: ${CLASS_DATA:-generate}
 train:
   max_steps: $STEPS
 ${TRAIN_EXTRA:-}

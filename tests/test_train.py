@@ -923,6 +923,24 @@ def test_validation_loss_is_written_at_its_steps_and_never_changes_the_weights(t
     assert identical(again, on) and val_losses(tmp_path / "again") == measured, "fixed draws: the same figure"
 
 
+@pytest.mark.parametrize("held_out", [0, 1])
+def test_validation_loss_weighs_as_the_instance_loss_does(tiny_model, instance, tmp_path, monkeypatch, held_out):
+    """With masks (and Min-SNR) the validation loss is the instance loss's objective: the left
+    half of each picture is the subject, so only it counts, for training and held-out photos."""
+    photos, seen, noise_loss = masked(instance, tmp_path / "masked"), [], train.DreamBooth.noise_loss
+
+    def spy(self, pred, target, timesteps, weights=None):
+        seen.append(weights)
+        return noise_loss(self, pred, target, timesteps, weights)
+
+    monkeypatch.setattr(train.DreamBooth, "noise_loss", spy)
+    run(tiny_model, [(photos, None)], tmp_path / "run", max_steps=1, masked_loss=True, snr_gamma=5.0,
+        validation_every_n_steps=1, validation_photos=held_out)
+    weights = seen[-1]  # measured after the step
+    assert weights.shape[0] == train.VALIDATION_ITEMS
+    assert (weights[..., :4] == 1).all() and (weights[..., 4:] == 0).all()
+
+
 def test_validation_loss_goes_on_the_loss_plot_and_older_rows_without_it_still_plot(tmp_path):
     csv, png = tmp_path / "loss.csv", tmp_path / "loss.png"
     csv.write_text("step,loss,instance_loss,prior_loss,val_loss\n1,0.5,0.5,nan\n2,0.4,0.4,nan,\n3,0.3,0.3,nan,0.35\n")

@@ -101,10 +101,11 @@ class DreamBoothData(pl.LightningDataModule):
         self.settings = settings
         instance, classes, self.instance_counts, self.class_counts = [], [], [], []
         self.instance_captions, self.class_captions = [], []
-        held_out, self.validation_captions, entries = [], [], []
+        held_out, self.validation_captions, entries, held_entries = [], [], [], []
         for instance_dir, class_manifest in subjects:
             manifest, kept = hold_out(Path(instance_dir) / "manifest.json", settings.get("validation_photos", 0))
             entries += [(Path(instance_dir), m) for m in manifest]
+            held_entries += [(Path(instance_dir), m) for m in kept]
             held_out += [Path(instance_dir) / m["file"] for m in kept]
             self.validation_captions += [m["caption"] for m in kept]
             instance += [Path(instance_dir) / m["file"] for m in manifest]
@@ -122,7 +123,10 @@ class DreamBoothData(pl.LightningDataModule):
                                  "(class_images.class_data prior_prediction needs no class images)")
         self.instance_images = sampling.from_pil(read_images(instance))
         self.class_images = sampling.from_pil(read_images(classes)) if classes else torch.empty(0)
-        self.instance_masks = read_masks(entries, self.instance_images.shape[-2:]) if settings["masked_loss"] else None
+        self.instance_masks = self.validation_masks = None
+        if settings["masked_loss"]:  # of the held-out photos too: the validation loss weighs as training does
+            masks = read_masks(entries + held_entries, self.instance_images.shape[-2:])
+            self.instance_masks, self.validation_masks = masks[:len(entries)], masks[len(entries):]
         self.validation_images = sampling.from_pil(read_images(held_out)) if held_out else torch.empty(0)
 
     def train_dataloader(self):
@@ -226,9 +230,11 @@ class DreamBooth(pl.LightningModule):
         self.instance_masks = self._latent_masks(dm.instance_masks)
         self.class_latents = self._encode_images(dm.class_images) if len(dm.class_images) else None
         log.info("latents of %d images cached", len(dm.instance_images) + len(dm.class_images))
+        held = len(dm.validation_images) > 0
         self.validation = validation_batch(
-            self, self._encode_images(dm.validation_images) if len(dm.validation_images) else self.instance_latents,
-            [index[c] for c in (dm.validation_captions or dm.instance_captions)])
+            self, self._encode_images(dm.validation_images) if held else self.instance_latents,
+            [index[c] for c in (dm.validation_captions or dm.instance_captions)],
+            self._latent_masks(dm.validation_masks) if held else self.instance_masks)
 
     def on_fit_start(self):
         if self.ema:
@@ -309,7 +315,7 @@ class DreamBooth(pl.LightningModule):
                 pred = self.unet(noisy.to(dtype), v["timesteps"], encoder_hidden_states=context.to(dtype)).sample
         finally:
             self.unet.train()
-        return F.mse_loss(pred.float(), v["noise"].float())
+        return self.noise_loss(pred, v["noise"], v["timesteps"], v["weights"]).mean()
 
     def text_encoder_trained(self) -> bool:
         stop = self.s["text_encoder_steps"]
@@ -553,10 +559,11 @@ def frozen_copy(unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 VALIDATION_ITEMS = 8
 
 
-def validation_batch(module: DreamBooth, latents: dict, captions: list[int]) -> dict:
-    """Item i of the validation batch: photo i mod n of `latents` with its caption, a latent sample
-    and noise from the stream rng(seed, "validation", i), no flip, and timestep (i + 1/2) T / 8 of
-    the T of the schedule: the same draws at every measure, and no draw from training's streams."""
+def validation_batch(module: DreamBooth, latents: dict, captions: list[int], masks: dict | None = None) -> dict:
+    """Item i of the validation batch: photo i mod n of `latents` with its caption (and its subject
+    mask's weights, given `masks`), a latent sample and noise from the stream rng(seed,
+    "validation", i), no flip, and timestep (i + 1/2) T / 8 of the T of the schedule: the same
+    draws at every measure, and no draw from training's streams."""
     steps, shape = module.noise_scheduler.config.num_train_timesteps, latents["mean"].shape[1:]
     eps, noise = [], []
     for i in range(VALIDATION_ITEMS):
@@ -569,7 +576,8 @@ def validation_batch(module: DreamBooth, latents: dict, captions: list[int]) -> 
     return {"latents": sample * module.vae.config.scaling_factor, "noise": torch.stack(noise).to(device),
             "timesteps": torch.tensor([int((i + 0.5) * steps / VALIDATION_ITEMS) for i in range(VALIDATION_ITEMS)],
                                       device=device),
-            "captions": torch.tensor(captions, device=device)[photo]}
+            "captions": torch.tensor(captions, device=device)[photo],
+            "weights": None if masks is None else masks["mask"][photo]}
 
 
 def ema_model(parameters, decay: float):

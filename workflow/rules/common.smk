@@ -245,7 +245,6 @@ def export_settings(wildcards):
     )
 
 
-
 def toy_classifier(c):
     path = (
         Path(base_model(Namespace(character=c["name"]))).parent
