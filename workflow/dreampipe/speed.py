@@ -174,6 +174,47 @@ class GraphedUNet:
         return torch.cuda.make_graphed_callables(call, statics, allow_unused_input=True)
 
 
+class GraphedForward:
+    """A UNet forward without gradients replayed as a CUDA graph, one per input signature, each
+    call inside `around()` (e.g. a LoRA's adapters switched off): prior_prediction's target every
+    step, which eager is launch-bound as the training step is (GraphedUNet). capture=False runs
+    it eagerly (the CPU, and compile scopes other than graphs)."""
+
+    def __init__(self, unet: torch.nn.Module, around=contextlib.nullcontext, capture: bool = True):
+        self.unet, self.around, self.capture, self.graphs = unet, around, capture, {}
+
+    @torch.no_grad()
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if not self.capture:
+            with self.around():
+                return self.unet(sample, timesteps, encoder_hidden_states=context).sample
+        args = (sample, timesteps, context)
+        key = tuple((a.shape, a.dtype) for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self._graph([a.clone() for a in args])
+        graph, static, out = self.graphs[key]
+        for dst, src in zip(static, args):
+            dst.copy_(src)
+        graph.replay()
+        return out.clone()
+
+    def _graph(self, static: list[torch.Tensor]):
+        def forward():
+            with self.around():
+                return self.unet(static[0], static[1], encoder_hidden_states=static[2]).sample
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up, as make_graphed_callables does
+            for _ in range(2):
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = forward()
+        return graph, static, out
+
+
 class _UNetCall(torch.nn.Module):
     """The UNet as a function of tensors only, as make_graphed_callables needs."""
 

@@ -296,9 +296,12 @@ class DreamBooth(pl.LightningModule):
         """The base model's noise prediction, prior_prediction's target: a full finetune runs the
         frozen copy of the base UNet made in configure_model; a LoRA, its own UNet with the adapters off."""
         unet = self.unet if self.lora else self.base_unet[0]
+        around = (lambda: self.lora.off(unet)) if self.lora else contextlib.nullcontext
+        if self.base_call is None:  # on a GPU replayed as a CUDA graph where the step is (compile: graphs)
+            graphed = speed.on_gpu(self.device) and speed.compile_scope(self.s) == "graphs"
+            self.base_call = speed.GraphedForward(unet, around, capture=graphed)
         dtype = next(unet.parameters()).dtype
-        with self.lora.off(unet) if self.lora else contextlib.nullcontext():
-            return unet(noisy.to(dtype), timesteps, encoder_hidden_states=context.to(dtype)).sample
+        return self.base_call(noisy.to(dtype), timesteps, context.to(dtype))
 
     @torch.no_grad()
     def validation_loss(self) -> torch.Tensor:
@@ -438,6 +441,7 @@ class DreamBooth(pl.LightningModule):
         # before the strategy's setup, where DDP hooks each weight's gradient as the weight is then:
         # a weight cast afterwards (bf16) gets gradients that DDP silently never averages
         device = self.trainer.strategy.root_device
+        self.base_call = None  # base_prediction's
         if self.s.get("prior_prediction") and not self.lora:  # the base weights, before any step and any compiling
             self.base_unet = (frozen_copy(self.unet, device),)  # a tuple: not a submodule, not in the saved state
         self.unet_call = speed.prepare_training(self.sd, self.s, device)
