@@ -1,14 +1,12 @@
 """train.method lora: adapters on frozen base weights, written merged into the model and as a
-kohya-layout LoRA file, resumable to the bit like a full finetune."""
-
-import signal
+kohya-layout LoRA file (resumable to the bit like a full finetune: test_train.py's resume test)."""
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 import test_train
-from test_train import class_manifest, identical, run, settings, start, train_command, wait_for
+from test_train import identical, run, settings
 
 from dreampipe import checkpoint, config, lora, train
 from dreampipe.errors import DreampipeError
@@ -128,28 +126,6 @@ def test_progressive_checkpoints_of_a_lora_run_are_lora_files(tiny_model, instan
     layers = lora.load(files[-1])
     assert layers and all(k.startswith("lora_unet_") for k in layers)
     assert all(d.dtype == torch.float16 for d, _, _ in layers.values())
-
-
-RESUME_SETTINGS = dict(max_steps=8, save_state_every_n_steps=2, ema=True, train_text_encoder=True,
-                       text_encoder_steps=5, random_flip=True, gradient_accumulation_steps=2,
-                       lr_scheduler="linear", lr_warmup_steps=3, lora_conv_rank=2, **LORA)
-
-
-def test_a_killed_lora_training_resumes_to_bit_identical_weights(tiny_model, instance, class_images, tmp_path):
-    subjects = [(instance, class_manifest(class_images, 3))]
-    whole = run(tiny_model, subjects, tmp_path / "whole", **RESUME_SETTINGS)
-
-    folder = tmp_path / "killed"
-    cmd = train_command(tiny_model, subjects, folder, settings(**RESUME_SETTINGS))
-    proc = start(cmd)
-    wait_for(lambda: (folder / ".state" / train.STATE_FILE).exists(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    resumed = start(cmd)
-    _, err = resumed.communicate()
-    assert resumed.returncode == 0, err[-3000:]
-    assert "resuming from" in err
-    assert identical(load_file(folder / "model.safetensors"), whole)
 
 
 def test_a_lora_rank_below_one_is_refused_at_load(workflow):

@@ -130,11 +130,16 @@ RESUME_SETTINGS = dict(max_steps=8, save_state_every_n_steps=2, ema=True, train_
                        validation_every_n_steps=3)
 
 
-@pytest.mark.parametrize("prior", ["class images", "prior_prediction"])
-def test_killed_training_resumes_to_bit_identical_weights(tiny_model, instance, class_images, tmp_path, prior):
-    pp = prior == "prior_prediction"
+RESUME_VARIANTS = {"class images": {}, "prior_prediction": {"prior_prediction": ["a photo of a robot"]},
+                   "lora": dict(method="lora", lora_rank=4, lora_conv_rank=2, lora_learning_rate=1e-2,
+                                lora_text_encoder_learning_rate=1e-2)}
+
+
+@pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
+def test_killed_training_resumes_to_bit_identical_weights(tiny_model, instance, class_images, tmp_path, variant):
+    pp = variant == "prior_prediction"
     subjects = [(instance, None if pp else class_manifest(class_images, 3))]
-    resume_settings = {**RESUME_SETTINGS, **({"prior_prediction": ["a photo of a robot"]} if pp else {})}
+    resume_settings = {**RESUME_SETTINGS, **RESUME_VARIANTS[variant]}
     whole = run(tiny_model, subjects, tmp_path / "whole", **resume_settings)
 
     folder = tmp_path / "killed"
