@@ -99,7 +99,8 @@ def main():
         change = dict(change)
         prior_prediction = change.pop("class_data", "generate") == config.PRIOR_PREDICTION
         manifest = None if prior_prediction else class_manifest(change.pop("num_class_images", ci["num_class_images"]))
-        # a recipe of the other train.method gets that method's settings from the config (train_settings leaves them out)
+        # a recipe of the other train.method gets that method's settings from the config
+        # (train_settings leaves them out)
         method = change.get("method", demo["method"])
         other = [k for m, ks in config.METHOD_SETTINGS.items() if m != method for k in ks]
         settings = {**{k: c["train"][k] for k in config.METHOD_SETTINGS[method]},
