@@ -9,6 +9,10 @@ markdown table, a row as each recipe finishes.
 A recipe is a change to the demo's train settings; "num_class_images" in it changes the class
 images too (the first n of one store, so recipes share them); "class_data": "prior_prediction"
 trains with no class images, the base model's prediction for the class prompt as the prior target.
+"method": "lora" trains a LoRA, with the config's lora_* settings unless the recipe changes them:
+
+    PYTHONPATH=workflow python bench/toy_recipes.py --seed-set dev \
+        --recipe 'lora r16={"method": "lora", "lora_rank": 16, "lora_alpha": 16, "lora_learning_rate": 5e-4}'
 """
 
 import argparse
@@ -22,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "workflow"))
 
-from dreampipe import class_images, config, evaluate, example_photos, prepare, train  # noqa: E402
+from dreampipe import class_images, config, evaluate, example_photos, lora_training, prepare, train  # noqa: E402
 
 # diffusers examples/dreambooth/train_dreambooth.py defaults (with --with_prior_preservation)
 DIFFUSERS = {"learning_rate": 5e-6, "lr_scheduler": "constant", "lr_warmup_steps": 0,
@@ -95,7 +99,12 @@ def main():
         change = dict(change)
         prior_prediction = change.pop("class_data", "generate") == config.PRIOR_PREDICTION
         manifest = None if prior_prediction else class_manifest(change.pop("num_class_images", ci["num_class_images"]))
-        settings = {**demo, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {}),
+        # a recipe of the other train.method gets that method's settings from the config
+        # (train_settings leaves them out)
+        method = change.get("method", demo["method"])
+        other = [k for m, ks in config.METHOD_SETTINGS.items() if m != method for k in ks]
+        settings = {**{k: c["train"][k] for k in config.METHOD_SETTINGS[method]},
+                    **{k: v for k, v in demo.items() if k not in other}, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {}),
                     **({"prior_prediction": [ci["class_prompt"]]} if prior_prediction else {})}
         start = time.perf_counter()
         trained = train.run(model, tokenizer, [(out / "instance", manifest)], settings,
@@ -109,9 +118,9 @@ def main():
             print("| base model (before) | 0 | - | - | - | "
                   + " | ".join(evaluate.cell(r["before"], k) for k in keys) + " |")
         rows.append((name, settings, {**r, "train_seconds": seconds}))
-        te = f" / {settings['text_encoder_learning_rate'] or settings['learning_rate']:g}" \
-            if settings["train_text_encoder"] else " / frozen"
-        print(f"| {name} | {settings['max_steps']} | {settings['learning_rate']:g}{te} | "
+        unet_lr, te_lr = lora_training.rates(settings)
+        te = f" / {te_lr:g}" if settings["train_text_encoder"] and te_lr else " / frozen"
+        print(f"| {name} | {settings['max_steps']} | {unet_lr:g}{te} | "
               f"{settings['prior_loss_weight']:g} | {seconds:.0f} | "
               + " | ".join(evaluate.cell(r["after"], k) for k in keys) + " |", flush=True)
         (out / "summary.json").write_text(json.dumps([{"recipe": n, "settings": s, **r} for n, s, r in rows], indent=1))

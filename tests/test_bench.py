@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,3 +119,23 @@ def test_e2e_photos_masks_cover_the_subject(tmp_path):
 @pytest.mark.parametrize("script", ["bench/e2e_gpu.sh", "bench/diffusers_example_e2e.sh", "bench/multi_gpu.sh"])
 def test_gpu_shell_benchmarks_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
+
+
+def test_toy_recipes_bench_runs_a_lora_recipe_with_its_own_rates(tmp_path):
+    out = bench(tmp_path, "bench/toy_recipes.py", "--out", str(tmp_path / "recipes"), "--seeds", "1",
+                "--steps", "2", "--recipe",
+                'lora={"method": "lora", "lora_rank": 4, "lora_learning_rate": 1e-3, '
+                '"lora_text_encoder_learning_rate": 3e-3}')
+    assert "| lora | 2 | 0.001 / 0.003 |" in out
+    with safe_open(tmp_path / "recipes" / "lora" / "model.safetensors", "pt") as f:
+        assert any(k.startswith("lora_te_") for k in f.keys()), "a LoRA of the UNet and the text encoder trained"
+
+
+def test_toy_lora_capacity_bench_scores_a_finetune_as_extracted_loras(tmp_path):
+    bench(tmp_path, "bench/toy_recipes.py", "--out", str(tmp_path / "recipes"), "--seeds", "1", "--steps", "2",
+          "--recipes", "1")
+    recipes = tmp_path / "recipes"
+    out = bench(tmp_path, "bench/toy_lora_capacity.py", str(recipes / "ours--demo-config-" / "model.safetensors"),
+                "--instance", str(recipes / "instance"), "--out", str(tmp_path / "capacity"), "--seeds", "1")
+    assert "| the full finetune itself |" in out
+    assert "| extracted at rank 32, + the finetune's token embeddings |" in out

@@ -148,3 +148,28 @@ def test_the_other_methods_settings_are_not_trainings_and_rerun_nothing(workflow
     full, lora_run = (config.split_train_settings(chars[c])[0] for c in ("alice", "bob"))
     assert "learning_rate" in full and not any(k.startswith("lora_") for k in full)
     assert lora_run["lora_rank"] == 16 and "learning_rate" not in lora_run and "text_encoder_learning_rate" not in lora_run
+
+
+def test_the_merged_model_draws_what_the_adapters_draw(tiny_model):
+    """Adapters.merged is a model to run, not only to save: its text encoder has the position ids
+    (CLIP's one buffer outside the state dict) of the network it was made from, none left on the meta
+    device, so it embeds a caption as the adapted one does."""
+    from dreampipe import lora_training
+
+    model = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1])
+    adapters = lora_training.Adapters(model, settings(train_text_encoder=True, **LORA))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for part in adapters.parts:
+            for n, p in getattr(model, part).named_parameters():
+                if ".lora_B." in n:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        merged = adapters.merged(adapters.layers())
+        assert not any(b.is_meta for net in (merged.unet, merged.text_encoder) for b in net.buffers())
+        ids = model.tokenizer(["a photo of zxq star"], padding="max_length", truncation=True,
+                              max_length=model.tokenizer.model_max_length, return_tensors="pt").input_ids
+        context = model.text_encoder(ids)[0]
+        assert torch.allclose(merged.text_encoder(ids)[0], context, atol=1e-5)
+        x, t = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([500])
+        assert torch.allclose(merged.unet(x, t, encoder_hidden_states=context).sample,
+                              model.unet(x, t, encoder_hidden_states=context).sample, atol=1e-5)

@@ -124,8 +124,14 @@ def init(net: torch.nn.Module, seed: int, part: str) -> None:
 
 
 def plain(net: torch.nn.Module, part: str, weights: dict) -> torch.nn.Module:
-    """A network of `net`'s architecture, without adapters, holding `weights` (no copies)."""
+    """A network of `net`'s architecture, without adapters, holding `weights` (no copies), and
+    `net`'s buffers that no state dict holds (CLIP's position_ids), which would stay on the meta device."""
     with torch.device("meta"):
         copy = type(net).from_config(net.config) if part == "unet" else type(net)(net.config)
     copy.load_state_dict(weights, strict=True, assign=True)
+    own = dict(net.named_buffers())
+    for name, buffer in list(copy.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            copy.get_submodule(owner).register_buffer(leaf, own[name].detach().to("cpu").clone(), persistent=False)
     return copy
