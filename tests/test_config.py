@@ -184,3 +184,10 @@ def test_a_bad_interpolation_is_one_line_naming_file_and_key(workflow, value, sa
         config.load({}, workflow.path)
     assert str(e.value).startswith(f"{workflow.path / 'config/characters/alice.yaml'}: {said}"), str(e.value)
     assert "\n" not in str(e.value) and "\\$" in str(e.value)
+
+
+def test_held_out_photos_without_a_validation_loss_are_refused_at_load(workflow):
+    workflow.character("alice", train={"validation_photos": 2, "validation_every_n_steps": 0})
+    with pytest.raises(DreampipeError, match=r"alice.yaml: train.validation_photos is 2 but the validation loss is "
+                                             r"never measured .* set validation_photos: 0"):
+        config.load({}, workflow.path)

@@ -1021,6 +1021,20 @@ def test_a_lora_takes_its_prior_prediction_from_its_own_unet_with_the_adapters_o
     assert all(p.requires_grad for n, p in model.unet.named_parameters() if ".lora_" in n)
 
 
+def test_the_frozen_copy_is_the_unet_as_it_was_and_shares_nothing_with_it(tiny_model):
+    unet = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1]).unet.eval()
+    base = train.frozen_copy(unet, torch.device("cpu"))
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        before = unet(x, t, ctx).sample
+        assert torch.allclose(base(x, t, ctx).sample, before, atol=1e-5)
+        for p in unet.parameters():
+            p.add_(0.01)  # training moves the UNet; the copy stays the base
+        assert not torch.allclose(unet(x, t, ctx).sample, before, atol=1e-3)
+        assert torch.allclose(base(x, t, ctx).sample, before, atol=1e-5)
+    assert not any(p.requires_grad for p in base.parameters()) and not base.training
+
+
 def test_prior_prediction_shapes_the_weights_and_the_prior_loss_weight_applies(tiny_model, instance, tmp_path):
     subjects, pp = [(instance, None)], ["a photo of a robot"]
     none = run(tiny_model, subjects, tmp_path / "none", max_steps=3, learning_rate=1e-3)

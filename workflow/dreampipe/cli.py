@@ -280,8 +280,8 @@ def main(argv=None) -> int:
 
     sp = add("export", cmd_export, "write the model as a pruned single-file checkpoint")
     sp.add_argument("trained")
-    sp.add_argument("out", help="*.lora.safetensors: the LoRA of a method lora run; *.safetensors or *.ckpt: "
-                    "LDM single file; other: diffusers folder")
+    sp.add_argument("out", help="*.safetensors or *.ckpt: LDM single file; other: diffusers folder (a LoRA "
+                    "file: dreampipe extract-lora)")
     sp.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     sp.add_argument("--tokenizer")
     sp.add_argument("--settings", default="{}", help="JSON stored in the file's metadata")

@@ -210,6 +210,11 @@ def character(cfg: dict, path: Path, workdir: Path, *, configfile: str = "config
     if c["prepare"]["resolution"] % 64:
         raise DreampipeError(f"{path}: prepare.resolution is {c['prepare']['resolution']}; it must be "
                              "a multiple of 64 (e.g. 512)")
+    train = c["train"]
+    if train["validation_photos"] and not train["validation_every_n_steps"]:
+        raise DreampipeError(f"{path}: train.validation_photos is {train['validation_photos']} but the validation "
+                             "loss is never measured (train.validation_every_n_steps is off), so those photos would "
+                             "be left out of training for nothing; set validation_photos: 0 or validation_every_n_steps")
     c["name"] = path.stem
     return c
 
