@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from . import checkpoint, modelspec
 from .errors import DreampipeError
@@ -84,16 +85,36 @@ def save(layers: dict, path, dtype: str | None = "fp16", metadata: dict | None =
          settings: dict | None = None, resolution: int | None = None, title: str | None = None) -> Path:
     """Write `layers` (kohya name -> (down, up, alpha)) as one .safetensors, atomically, with the
     modelspec keys of a LoRA (modelspec.py: title the file's name unless given; the training
-    `resolution` and `settings` when known); `metadata` adds keys or overrides them."""
+    `resolution` and `settings` when known) and kohya's ss_network_* keys, read off the layers;
+    `metadata` adds keys or overrides them."""
     title = title or Path(path).name.removesuffix(".safetensors").removesuffix(".lora")
     meta = {**modelspec.metadata(title, lora=True, resolution=resolution, settings=settings),
-            "ss_network_module": "networks.lora", **(metadata or {})}
+            **kohya_metadata(layers), **(metadata or {})}
     return checkpoint.write_file(to_state_dict(layers), path, dtype, meta)
 
 
+def kohya_metadata(layers: dict) -> dict:
+    """The ss_* keys sd-scripts writes, which UIs show: rank and alpha, LoCon's conv rank and alpha."""
+    def first(wide: bool):
+        return next(((down.shape[0], alpha) for down, _, alpha in layers.values()
+                     if (down.dim() == 4 and down.shape[-1] > 1) == wide), (None, None))
+
+    (rank, alpha), (conv_rank, conv_alpha) = first(False), first(True)
+    return {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)),
+            "ss_v2": "False", "ss_base_model_version": "sd_v1",
+            "ss_network_args": json.dumps({} if conv_rank is None else
+                                          {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})}
+
+
 def load(path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """A kohya-layout LoRA file's layers by name."""
-    weights, _ = checkpoint.read_state_dict(Path(path))
+    """A kohya-layout LoRA file's layers by name (of a .safetensors, only the LoRA's tensors are
+    read: a model train.method lora wrote holds its layers beside 2 GB of weights)."""
+    prefixes = tuple(p + "_" for p in PREFIXES.values())
+    if Path(path).suffix == ".safetensors":
+        with safe_open(path, "pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}
+    else:
+        weights, _ = checkpoint.read_state_dict(Path(path))
     return {key[: -len(".lora_down.weight")]: (down, weights[key.replace("lora_down", "lora_up")],
                                                float(weights[key.replace(".lora_down.weight", ".alpha")]))
             for key, down in weights.items() if key.endswith(".lora_down.weight")}
@@ -209,27 +230,22 @@ def run(finetuned, base, out, rank: int | None = None, conv_rank: int | None = N
     start = time.perf_counter()
     layers = load(finetuned) if Path(finetuned).is_file() else {}
     if layers:
-        rank, alpha = max(down.shape[0] for down, _, _ in layers.values()), next(iter(layers.values()))[2]
-        wide = {down.shape[0] for down, _, _ in layers.values() if down.dim() == 4 and down.shape[-1] > 1}
-        conv_rank, conv_alpha = (max(wide), alpha) if wide else (None, None)
-        log(f"extract-lora: {finetuned} holds the LoRA it was trained as: {len(layers)} layers, rank {rank}, "
-            f"alpha {alpha:g}; written as trained")
+        log(f"extract-lora: {finetuned} holds the LoRA it was trained as ({len(layers)} layers): written as trained")
     elif rank is None:
         raise DreampipeError(f"{finetuned}: holds no trained LoRA; give --rank to extract one against {base}")
     else:
         if rank < 1 or conv_rank is not None and conv_rank < 1:
-            raise DreampipeError(f"{out}: the rank and conv rank must be at least 1")
+            raise DreampipeError(f"extract-lora {finetuned}: --rank and --conv-rank must be at least 1")
         finetune = checkpoint.load(finetuned, dtype=None, need_tokenizer=False)  # in the files' own dtypes
         original = checkpoint.load(base, dtype=None, need_tokenizer=False, **(base_options or {}))
-        layers = extract(finetune, original, rank, conv_rank, log=lambda line: log(f"extract-lora: {line}"))
+        try:
+            layers = extract(finetune, original, rank, conv_rank, log=lambda line: log(f"extract-lora: {line}"))
+        except DreampipeError as e:
+            raise DreampipeError(f"{finetuned} against {base}: {e}") from None
         if not layers:
             raise DreampipeError(f"{finetuned}: no layer differs from {base}'s: is it a finetune of that model?")
-        alpha, conv_alpha = float(rank), None if conv_rank is None else float(conv_rank)
-    meta = {"ss_network_dim": str(rank), "ss_network_alpha": str(float(alpha)), "ss_v2": "False",
-            "ss_base_model_version": "sd_v1", "ss_network_args": json.dumps(
-                {} if conv_rank is None else {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})}
     settings = settings or {}
-    written = save(layers, out, dtype, meta, settings=settings or None, resolution=settings.get("resolution"))
+    written = save(layers, out, dtype, settings=settings or None, resolution=settings.get("resolution"))
     log(f"extract-lora: {human_size(Path(written).stat().st_size)} written to {written} "
         f"in {time.perf_counter() - start:.1f} s")
     return written
