@@ -102,9 +102,8 @@ def main():
         # a recipe of the other train.method gets that method's settings from the config
         # (train_settings leaves them out)
         method = change.get("method", demo["method"])
-        other = [k for m, ks in config.METHOD_SETTINGS.items() if m != method for k in ks]
-        settings = {**{k: c["train"][k] for k in config.METHOD_SETTINGS[method]},
-                    **{k: v for k, v in demo.items() if k not in other}, **change, "sample_every_n_steps": 0, **({"max_steps": a.steps} if a.steps else {}),
+        settings = {**config.method_settings({**c["train"], **demo}, method), **change, "sample_every_n_steps": 0,
+                    **({"max_steps": a.steps} if a.steps else {}),
                     **({"prior_prediction": [ci["class_prompt"]]} if prior_prediction else {})}
         start = time.perf_counter()
         trained = train.run(model, tokenizer, [(out / "instance", manifest)], settings,

@@ -257,12 +257,17 @@ def train_settings(c: dict) -> dict:
     reruns nothing), the image resolution, and the sample section (sample_sheet: the train job
     draws the sample job's rows, sample.py); with class_images.class_data prior_prediction, each
     subject's class prompt (prior_prediction)."""
-    other = [k for method, keys in METHOD_SETTINGS.items() if method != c["train"]["method"] for k in keys]
-    settings = {**{k: v for k, v in c["train"].items() if k not in other}, "resolution": c["prepare"]["resolution"],
+    settings = {**method_settings(c["train"], c["train"]["method"]), "resolution": c["prepare"]["resolution"],
                 "sample_sheet": c["sample"]}
     if c["class_images"]["class_data"] == PRIOR_PREDICTION:
         settings["prior_prediction"] = [s["class_prompt"] for s in c["subjects"]]
     return settings
+
+
+def method_settings(train: dict, method: str) -> dict:
+    """The train section without the keys of the train.method other than `method`."""
+    other = {k for m, keys in METHOD_SETTINGS.items() if m != method for k in keys}
+    return {k: v for k, v in train.items() if k not in other}
 
 
 def split_train_settings(c: dict) -> tuple[dict, dict]:
