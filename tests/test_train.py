@@ -1024,14 +1024,16 @@ def test_a_lora_takes_its_prior_prediction_from_its_own_unet_with_the_adapters_o
 def test_the_frozen_copy_is_the_unet_as_it_was_and_shares_nothing_with_it(tiny_model):
     unet = checkpoint.load(tiny_model[0], tokenizer=tiny_model[1]).unet.eval()
     base = train.frozen_copy(unet, torch.device("cpu"))
+    loaded = {k: v.clone() for k, v in unet.state_dict().items()}
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.no_grad():
-        before = unet(x, t, ctx).sample
-        assert torch.allclose(base(x, t, ctx).sample, before, atol=1e-5)
+        before = unet(x, t, ctx).sample  # equal weights; CPU kernels may sum in another order (5e-5 apart seen)
+        assert torch.allclose(base(x, t, ctx).sample, before, atol=1e-3)
         for p in unet.parameters():
-            p.add_(0.01)  # training moves the UNet; the copy stays the base
-        assert not torch.allclose(unet(x, t, ctx).sample, before, atol=1e-3)
-        assert torch.allclose(base(x, t, ctx).sample, before, atol=1e-5)
+            p.add_(0.1)  # training moves the UNet; the copy stays the base
+        assert not torch.allclose(unet(x, t, ctx).sample, before, atol=1e-2)
+        assert torch.allclose(base(x, t, ctx).sample, before, atol=1e-3)
+    assert identical(base.state_dict(), loaded), "the copy holds the weights as loaded, bit for bit"
     assert not any(p.requires_grad for p in base.parameters()) and not base.training
 
 
