@@ -99,35 +99,33 @@ class DreamBoothData(pl.LightningDataModule):
     def __init__(self, subjects: list[tuple[Path, Path | None]], settings: dict):
         super().__init__()
         self.settings = settings
-        instance, classes, self.instance_counts, self.class_counts = [], [], [], []
-        self.instance_captions, self.class_captions = [], []
-        held_out, self.validation_captions, entries, held_entries = [], [], [], []
+        classes, self.instance_counts, self.class_counts, self.class_captions = [], [], [], []
+        entries, held_entries = [], []  # (instance folder, manifest entry) of the photos trained on, held out
         for instance_dir, class_manifest in subjects:
             manifest, kept = hold_out(Path(instance_dir) / "manifest.json", settings.get("validation_photos", 0))
             entries += [(Path(instance_dir), m) for m in manifest]
             held_entries += [(Path(instance_dir), m) for m in kept]
-            held_out += [Path(instance_dir) / m["file"] for m in kept]
-            self.validation_captions += [m["caption"] for m in kept]
-            instance += [Path(instance_dir) / m["file"] for m in manifest]
-            self.instance_captions += [m["caption"] for m in manifest]
             self.instance_counts.append(len(manifest))
             files = json.loads(Path(class_manifest).read_text()) if class_manifest else {"images": []}
             classes += files["images"]
             self.class_captions += [files.get("prompt", "")] * len(files["images"])
             self.class_counts.append(len(files["images"]))
+        self.instance_captions = [m["caption"] for _, m in entries]
+        self.validation_captions = [m["caption"] for _, m in held_entries]
         if any(self.class_counts) and not all(self.class_counts):
             raise DreampipeError("every subject needs class images, or none: give each subject a class manifest")
         prior = settings.get("prior_prediction")
         if prior and (any(self.class_counts) or len(prior) != len(subjects)):
             raise DreampipeError("prior_prediction takes one class prompt per subject and no class manifests "
                                  "(class_images.class_data prior_prediction needs no class images)")
-        self.instance_images = sampling.from_pil(read_images(instance))
+        self.instance_images = sampling.from_pil(read_images([d / m["file"] for d, m in entries]))
         self.class_images = sampling.from_pil(read_images(classes)) if classes else torch.empty(0)
         self.instance_masks = self.validation_masks = None
         if settings["masked_loss"]:  # of the held-out photos too: the validation loss weighs as training does
             masks = read_masks(entries + held_entries, self.instance_images.shape[-2:])
             self.instance_masks, self.validation_masks = masks[:len(entries)], masks[len(entries):]
-        self.validation_images = sampling.from_pil(read_images(held_out)) if held_out else torch.empty(0)
+        self.validation_images = (sampling.from_pil(read_images([d / m["file"] for d, m in held_entries]))
+                                  if held_entries else torch.empty(0))
 
     def train_dataloader(self):
         accum, trainer = self.settings["gradient_accumulation_steps"], self.trainer
